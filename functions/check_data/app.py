@@ -1,0 +1,196 @@
+"""Check data: is there enough new validated data to retrain, and write the dataset the job trains on.
+
+Reads the manifest table (not a bucket listing), counts validated images per class and those added since the
+last registered model, and, when the minimums are met, writes the train/validation/test manifests (split by
+lesion, as recorded at validation time) and a SageMaker ManifestFile for the images channel.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections import Counter
+from datetime import datetime, timezone
+from typing import Any
+
+import boto3
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from boto3.dynamodb.conditions import Key
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lesion_common.errors import InvalidRequestError
+from lesion_common.labels import classes_for
+
+logger = Logger()
+tracer = Tracer()
+metrics = Metrics()
+
+MANIFEST_TABLE = os.environ["MANIFEST_TABLE"]
+DATA_BUCKET = os.environ["DATA_BUCKET"]
+ARTIFACTS_BUCKET = os.environ["ARTIFACTS_BUCKET"]
+MODEL_PACKAGE_GROUP = os.environ["MODEL_PACKAGE_GROUP"]
+LABEL_SET = os.environ["LABEL_SET"]
+MIN_NEW_IMAGES = int(os.environ["MIN_NEW_IMAGES"])
+MIN_IMAGES_PER_CLASS = int(os.environ["MIN_IMAGES_PER_CLASS"])
+
+s3 = boto3.client("s3")
+sagemaker = boto3.client("sagemaker")
+table = boto3.resource("dynamodb").Table(MANIFEST_TABLE)
+
+SPLITS = ("train", "validation", "test")
+
+
+class Trigger(BaseModel):
+    """Why this retraining started (filled in by the EventBridge rule that started it)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = "manual"
+    reason: str = ""
+
+
+class RetrainingRequest(BaseModel):
+    """The execution input."""
+
+    model_config = ConfigDict(extra="forbid")
+    trigger: Trigger = Field(default_factory=Trigger)
+    force: bool = False
+    hyperparameters: dict[str, str] = Field(default_factory=dict)
+
+
+class CheckDataEvent(BaseModel):
+    """What the state machine passes in."""
+
+    execution_name: str = Field(alias="executionName", min_length=1)
+    request: RetrainingRequest
+
+
+def last_model_time(sm: Any, group: str) -> datetime | None:
+    """Creation time of the newest model package in the group, or None when there is none yet."""
+    try:
+        resp = sm.list_model_packages(
+            ModelPackageGroupName=group, SortBy="CreationTime", SortOrder="Descending", MaxResults=1
+        )
+    except sm.exceptions.ClientError as err:  # a group with no packages yet is not an error
+        if "does not exist" in str(err):
+            return None
+        raise
+    packages = resp.get("ModelPackageSummaryList", [])
+    return packages[0]["CreationTime"] if packages else None
+
+
+def validated_images(tbl: Any) -> list[dict[str, Any]]:
+    """All manifest items with status VALIDATED, through the by-status index."""
+    items: list[dict[str, Any]] = []
+    kwargs: dict[str, Any] = {"IndexName": "by-status", "KeyConditionExpression": Key("status").eq("VALIDATED")}
+    while True:
+        page = tbl.query(**kwargs)
+        items.extend(page["Items"])
+        if "LastEvaluatedKey" not in page:
+            return items
+        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+
+def _parse_time(value: str) -> datetime:
+    """Parse an ISO-8601 time; a missing or naive one counts as UTC (the validator writes UTC)."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return datetime.min.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def assess(
+    items: list[dict[str, Any]], classes: list[str], since: datetime | None, force: bool
+) -> dict[str, Any]:
+    """Count images per class and split, and decide whether the data suffices.
+
+    Returns
+    -------
+    dict
+        ``enough`` (bool), ``reasons`` (why not), ``counts``, ``splitCounts``, ``newImages``, ``totalImages``,
+        and ``rows`` (the usable items).
+    """
+    rows = [i for i in items if i.get("label") in classes]
+    new = [r for r in rows if since is None or _parse_time(str(r.get("validated_at", ""))) > since]
+    counts = Counter(r["label"] for r in rows)
+    split_counts = {s: Counter(r["label"] for r in rows if r.get("split") == s) for s in SPLITS}
+    reasons: list[str] = []
+    if len(new) < MIN_NEW_IMAGES and not force:
+        reasons.append(f"{len(new)} new validated images since the last model, {MIN_NEW_IMAGES} needed")
+    for c in classes:
+        if counts[c] < MIN_IMAGES_PER_CLASS:
+            reasons.append(f"class {c} has {counts[c]} validated images, {MIN_IMAGES_PER_CLASS} needed")
+        for s in SPLITS:
+            if counts[c] >= MIN_IMAGES_PER_CLASS and split_counts[s][c] == 0:
+                reasons.append(f"class {c} has no {s} images")
+    return {
+        "enough": not reasons,
+        "reasons": reasons,
+        "counts": {c: counts[c] for c in classes},
+        "splitCounts": {s: sum(split_counts[s].values()) for s in SPLITS},
+        "newImages": len(new),
+        "totalImages": len(rows),
+        "rows": rows,
+    }
+
+
+def write_dataset(client: Any, rows: list[dict[str, Any]], classes: list[str], prefix: str) -> dict[str, str]:
+    """Write ``<split>.csv``, ``classes.json`` and ``images.manifest`` under ``s3://ARTIFACTS_BUCKET/<prefix>``.
+
+    Rewriting the same execution's dataset yields the same objects, so a retried state is harmless.
+    """
+    ordered = sorted(rows, key=lambda r: r["image_id"])
+    for split in SPLITS:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["image_id", "path", "label", "lesion_id"])
+        for r in ordered:
+            if r.get("split") == split:
+                writer.writerow([r["image_id"], r["key"].removeprefix("validated/"), r["label"], r["lesion_id"]])
+        client.put_object(Bucket=ARTIFACTS_BUCKET, Key=f"{prefix}{split}.csv", Body=buf.getvalue().encode())
+    client.put_object(
+        Bucket=ARTIFACTS_BUCKET,
+        Key=f"{prefix}classes.json",
+        Body=json.dumps({"label_set": LABEL_SET, "classes": classes}).encode(),
+    )
+    manifest = [{"prefix": f"s3://{DATA_BUCKET}/validated/"}] + [r["key"].removeprefix("validated/") for r in ordered]
+    client.put_object(Bucket=ARTIFACTS_BUCKET, Key=f"{prefix}images.manifest", Body=json.dumps(manifest).encode())
+    return {
+        "manifestsUri": f"s3://{ARTIFACTS_BUCKET}/{prefix}",
+        "imagesManifestUri": f"s3://{ARTIFACTS_BUCKET}/{prefix}images.manifest",
+    }
+
+
+@logger.inject_lambda_context(log_event=True)
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """Assess the manifest; return the decision and, when enough, where the dataset was written."""
+    try:
+        req = CheckDataEvent.model_validate(event)
+    except ValidationError as err:
+        raise InvalidRequestError(f"invalid retraining request: {err}") from err
+    classes = classes_for(LABEL_SET)
+    since = last_model_time(sagemaker, MODEL_PACKAGE_GROUP)
+    result = assess(validated_images(table), classes, since, req.request.force)
+    rows = result.pop("rows")
+    metrics.add_metric(name="NewValidatedImages", unit=MetricUnit.Count, value=result["newImages"])
+    out: dict[str, Any] = {
+        **result,
+        "labelSet": LABEL_SET,
+        "lastModelTime": since.isoformat() if since else None,
+        "trigger": req.request.trigger.model_dump(),
+        "hyperparameters": req.request.hyperparameters,
+        "summary": (
+            f"{result['totalImages']} validated images ({result['newImages']} new); "
+            + ("enough to retrain" if result["enough"] else "not enough: " + "; ".join(result["reasons"]))
+        ),
+    }
+    if result["enough"]:
+        out.update(write_dataset(s3, rows, classes, f"datasets/{req.execution_name}/"))
+    logger.info("data check", extra={"decision": out["summary"]})
+    return out

@@ -1,0 +1,126 @@
+"""Evaluate: read the metrics the training job wrote on its test split, and those of the current model.
+
+The job writes ``metrics.json`` into its small ``output.tar.gz`` as well as into the model archive, so this
+handler never downloads the weights.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from typing import Any
+
+import boto3
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lesion_common.errors import InvalidRequestError, MetricsMissingError
+
+logger = Logger()
+tracer = Tracer()
+metrics = Metrics()
+
+ARTIFACTS_BUCKET = os.environ["ARTIFACTS_BUCKET"]
+
+s3 = boto3.client("s3")
+sagemaker = boto3.client("sagemaker")
+
+GATED_METRICS = ("balanced_accuracy", "macro_auc", "melanoma_sensitivity")
+
+
+class SplitMetrics(BaseModel):
+    """One split's block of metrics.json (only what the pipeline reads is required)."""
+
+    model_config = ConfigDict(extra="allow")
+    balanced_accuracy: float = Field(ge=0, le=1)
+    macro_auc: float = Field(ge=0, le=1)
+    melanoma_sensitivity: float = Field(ge=0, le=1)
+    melanoma_specificity: float = Field(ge=0, le=1)
+    accuracy: float = Field(ge=0, le=1)
+
+
+class JobMetrics(BaseModel):
+    """metrics.json as the training image writes it."""
+
+    model_config = ConfigDict(extra="allow")
+    classes: list[str]
+    architecture: str = ""
+    n_test: int = Field(ge=1)
+    test: SplitMetrics
+    baseline: SplitMetrics | None = None
+
+
+class EvaluateEvent(BaseModel):
+    """What the state machine passes in."""
+
+    training_job_name: str = Field(alias="trainingJobName", min_length=1)
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` → ``(bucket, key)``."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def read_job_metrics(client: Any, output_uri: str) -> JobMetrics:
+    """Extract and check metrics.json from the job's output.tar.gz."""
+    bucket, key = split_s3_uri(output_uri)
+    try:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except client.exceptions.NoSuchKey as err:
+        raise MetricsMissingError(f"{output_uri} does not exist") from err
+    try:
+        with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as tar:
+            member = next((m for m in tar.getmembers() if m.name.lstrip("./") == "metrics.json"), None)
+            if member is None:
+                raise MetricsMissingError(f"{output_uri} has no metrics.json")
+            handle = tar.extractfile(member)
+            raw = handle.read() if handle else b""
+        return JobMetrics.model_validate_json(raw)
+    except (tarfile.TarError, ValidationError, ValueError) as err:
+        raise MetricsMissingError(f"unreadable metrics.json in {output_uri}: {err}") from err
+
+
+def evaluate(sm: Any, client: Any, job_name: str) -> dict[str, Any]:
+    """Collect the candidate's and the baseline's test metrics and store the report for the Model Registry."""
+    job = sm.describe_training_job(TrainingJobName=job_name)
+    if job["TrainingJobStatus"] != "Completed":
+        raise MetricsMissingError(f"training job {job_name} is {job['TrainingJobStatus']}, not Completed")
+    output_uri = f"{job['OutputDataConfig']['S3OutputPath'].rstrip('/')}/{job_name}/output/output.tar.gz"
+    report = read_job_metrics(client, output_uri)
+    metrics_key = f"evaluations/{job_name}/metrics.json"
+    client.put_object(
+        Bucket=ARTIFACTS_BUCKET,
+        Key=metrics_key,
+        Body=report.model_dump_json(indent=2).encode(),
+        ContentType="application/json",
+    )
+    return {
+        "trainingJobName": job_name,
+        "modelDataUrl": job["ModelArtifacts"]["S3ModelArtifacts"],
+        "metricsS3Uri": f"s3://{ARTIFACTS_BUCKET}/{metrics_key}",
+        "architecture": report.architecture,
+        "classes": report.classes,
+        "nTest": report.n_test,
+        "metrics": report.test.model_dump(include=set(SplitMetrics.model_fields)),
+        "baseline": report.baseline.model_dump(include=set(SplitMetrics.model_fields)) if report.baseline else None,
+    }
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """Return the candidate's test metrics, the baseline's, and where the full report is."""
+    try:
+        req = EvaluateEvent.model_validate(event)
+    except ValidationError as err:
+        raise InvalidRequestError(f"invalid evaluate request: {err}") from err
+    result = evaluate(sagemaker, s3, req.training_job_name)
+    for name in GATED_METRICS:
+        metrics.add_metric(name=f"Candidate_{name}", unit=MetricUnit.Count, value=result["metrics"][name])
+    return result

@@ -1,0 +1,1 @@
+"""Code shared by the project's Lambda handlers (deployed as the common layer)."""

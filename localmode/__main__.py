@@ -1,0 +1,159 @@
+"""``python -m localmode run``: the retraining pipeline end to end on this machine.
+
+Uploads the bundled dermoscopy sample through the data bucket (so every image is validated by the real handler),
+asks for a retraining the way an operator would (a ``RetrainingRequested`` event), follows the execution state by
+state while the training job runs for real on the CPU, and ends with a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import boto3
+
+from localmode.cloud import REGION, REPO_ROOT, LocalCloud
+from tools.upload_dataset import upload_dataset
+
+DEFAULT_DATA = REPO_ROOT / "data" / "sample"
+
+
+def say(text: str) -> None:
+    """Progress goes to the real stdout: handlers' stdout is redirected to their log while they run."""
+    sys.__stdout__.write(text + "\n")
+    sys.__stdout__.flush()
+
+
+class _Follower:
+    """Prints state transitions and the training job's epoch lines as they happen."""
+
+    def __init__(self, cloud: LocalCloud, started: float):
+        self.cloud = cloud
+        self.started = started
+        self.entered: dict[str, float] = {}
+        self.log_offsets: dict[Path, int] = {}
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        t = time.monotonic() - self.started
+        if kind.endswith("StateEntered"):
+            name = event["stateEnteredEventDetails"]["name"]
+            self.entered[name] = time.monotonic()
+            say(f"[{t:6.1f}s] -> {name}")
+        elif kind.endswith("StateExited"):
+            name = event["stateExitedEventDetails"]["name"]
+            took = time.monotonic() - self.entered.get(name, time.monotonic())
+            say(f"[{t:6.1f}s]    {name} done ({took:.1f}s)")
+        elif kind in ("TaskFailed", "LambdaFunctionFailed", "ExecutionFailed"):
+            details = next((v for k, v in event.items() if k.endswith("EventDetails")), {})
+            say(f"[{t:6.1f}s]    ! {kind}: {details.get('error', '')} {str(details.get('cause', ''))[:300]}")
+
+    def training_lines(self) -> None:
+        for runner in self.cloud.runners:
+            path = runner.root / "training.log"
+            if not path.exists():
+                continue
+            with path.open() as fh:
+                fh.seek(self.log_offsets.get(path, 0))
+                for line in fh:
+                    if line.startswith(("epoch", "[epoch", "Epoch")) or "images/s" in line:
+                        say(f"           training | {line.rstrip()[:150]}")
+                self.log_offsets[path] = fh.tell()
+
+
+def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str, str]) -> int:
+    """Run the whole pipeline once; return 0 when the execution succeeded."""
+    t0 = time.monotonic()
+    metadata = metadata or next(iter(sorted(data.glob("*.csv"))), None)
+    images = data / "images" if (data / "images").is_dir() else data
+    say("Local mode: template.yaml deployed in-process (moto), handlers and ASL as on AWS, training on the CPU.")
+    with LocalCloud(work_dir=work_dir, parameters=parameters) as cloud:
+        bucket = cloud.output("DataBucketName")
+        s3 = boto3.client("s3", region_name=REGION)
+        say(f"1/3 Uploading {images} to s3://{bucket}/incoming/ (each upload triggers validation)...")
+        report = upload_dataset(s3, bucket, images, metadata, dataset="sample", progress=sys.stderr.isatty())
+        cloud.bus.drain()
+        table = boto3.resource("dynamodb", region_name=REGION).Table(cloud.output("ManifestTableName"))
+        statuses: dict[str, int] = {}
+        for item in table.scan()["Items"]:
+            statuses[str(item.get("status"))] = statuses.get(str(item.get("status")), 0) + 1
+        say(f"    uploaded {report.uploaded} objects; manifest: {json.dumps(statuses)}")
+
+        say("2/3 Requesting a retraining (EventBridge RetrainingRequested -> RetrainingStateMachine)...")
+        source = f"{cloud.resolver.parameters['ProjectName']}.pipeline"
+        boto3.client("events", region_name=REGION).put_events(Entries=[{
+            "Source": source, "DetailType": "RetrainingRequested",
+            "Detail": json.dumps({"reason": "make run: local demo", "requestedBy": getpass.getuser()}),
+        }])
+        cloud.bus.drain()
+        sfn = boto3.client("stepfunctions", region_name=REGION)
+        machine = cloud.output("RetrainingStateMachineArn")
+        executions = sfn.list_executions(stateMachineArn=machine)["executions"]
+        if not executions:
+            say("    no execution started: the Manual rule did not match (see .local/logs)")
+            return 1
+        arn = executions[0]["executionArn"]
+        follower = _Follower(cloud, time.monotonic())
+
+        def on_event(event: dict[str, Any]) -> None:
+            follower(event)
+
+        say(f"    execution {arn.rsplit(':', 1)[-1]}")
+        desc: dict[str, Any] = {}
+        while not desc:
+            try:
+                desc = cloud.wait_for_execution(arn, timeout=2, on_event=on_event)
+            except TimeoutError:
+                follower.training_lines()
+        follower.training_lines()
+
+        say("3/3 Summary")
+        say(f"    execution status : {desc['status']}")
+        output = json.loads(desc.get("output") or "{}")
+        if desc["status"] != "SUCCEEDED":
+            say(f"    error            : {desc.get('error')}: {str(desc.get('cause'))[:500]}")
+        registration = output.get("registration", {}).get("result", {})
+        evaluation = output.get("evaluation", {}).get("result", {})
+        if registration:
+            say(f"    model package    : {registration['modelPackageArn']} "
+                f"(version {registration['modelPackageVersion']}, {registration['approvalStatus']})")
+        if evaluation:
+            say("    test metrics     : " + ", ".join(f"{k} {v:.3f}" for k, v in evaluation["metrics"].items()))
+            if evaluation.get("baseline"):
+                say("    current model    : " + ", ".join(f"{k} {v:.3f}" for k, v in evaluation["baseline"].items()))
+            say(f"    model artifacts  : {evaluation['modelDataUrl']}")
+        for runner in cloud.runners:
+            say(f"    job directory    : {runner.root} (model/, output/, training.log)")
+        for note in cloud.read_notifications():
+            say(f"    notification     : {note['subject']}: {note['message'][:300]}")
+        say(f"    handler logs     : {cloud.runtime.log_path}")
+        (work_dir / "last-run.json").write_text(json.dumps({
+            "status": desc["status"], "execution": arn, "output": output,
+            "notifications": cloud.notifications, "seconds": round(time.monotonic() - t0, 1),
+        }, indent=2, default=str))
+        say(f"Done in {time.monotonic() - t0:.0f}s.")
+        return 0 if desc["status"] == "SUCCEEDED" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m localmode", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="run the retraining pipeline end to end on bundled data")
+    run_p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with images/ and a metadata CSV")
+    run_p.add_argument("--metadata", type=Path, help="metadata CSV (default: the first *.csv in --data)")
+    run_p.add_argument("--work-dir", type=Path, default=REPO_ROOT / ".local")
+    run_p.add_argument("--parameter", action="append", default=[], metavar="KEY=VALUE",
+                       help="template parameter override (repeatable)")
+    args = parser.parse_args(argv)
+    parameters = dict(p.split("=", 1) for p in args.parameter)
+    return run(args.data, args.metadata, args.work_dir, parameters)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

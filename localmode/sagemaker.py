@@ -1,0 +1,285 @@
+"""SageMaker training jobs, executed for real: the training image's entry point in a subprocess under the
+container contract, its results reported as DescribeTrainingJob and the state-change events would report them."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import boto3
+
+log = logging.getLogger("localmode.sagemaker")
+
+TERMINAL = ("Completed", "Failed", "Stopped")
+
+
+def _s3_split(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def _jsonable(value: Any) -> Any:
+    """The event's detail carries times as epoch milliseconds, as SageMaker's events do."""
+    if isinstance(value, datetime):
+        return int(value.timestamp() * 1000)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class TrainingJobRunner:
+    """Runs one training job in a job directory laid out like ``/opt/ml``.
+
+    Parameters
+    ----------
+    job : moto FakeTrainingJob
+        The job moto recorded; this runner updates its status, metrics and failure reason in place.
+    request : dict
+        The CreateTrainingJob request as the caller sent it.
+    work_dir : Path
+        Where ``<job name>/`` (the job's ``/opt/ml``) is created.
+    repo_root : Path
+        Holds ``training_image/train.py``, run with the repository on ``PYTHONPATH``.
+    emit : callable
+        ``emit(detail)`` publishes a ``SageMaker Training Job State Change`` event with that detail.
+    """
+
+    def __init__(self, job: Any, request: dict[str, Any], work_dir: Path, repo_root: Path,
+                 emit: Callable[[dict[str, Any]], None], s3_endpoint: Any = None):
+        self.job = job
+        self.request = request
+        self.name: str = request["TrainingJobName"]
+        self.root = work_dir / self.name
+        self.repo_root = repo_root
+        self.emit = emit
+        self.s3 = boto3.client("s3")
+        self.metric_definitions = request["AlgorithmSpecification"].get("MetricDefinitions", [])
+        self.metrics: dict[str, float] = {}
+        self.thread = threading.Thread(target=self.run, name=f"training-{self.name}", daemon=True)
+
+    # ----------------------------------------------------------------- status
+    def _set_status(self, status: str, secondary: str, message: str) -> None:
+        now = datetime.now(timezone.utc)
+        transitions = self.job.secondary_status_transitions
+        if transitions and "EndTime" not in transitions[-1]:
+            transitions[-1]["EndTime"] = now
+        transitions.append({"Status": secondary, "StartTime": now, "StatusMessage": message})
+        self.job.training_job_status = status
+        self.job.secondary_status = secondary
+        self.job.last_modified_time = now
+        if status in TERMINAL:
+            transitions[-1]["EndTime"] = now
+            self.job.training_end_time = now
+        self.emit(_jsonable(self.job.response_object))
+
+    # ----------------------------------------------------------------- channels
+    def _download_prefix(self, uri: str, dest: Path) -> int:
+        bucket, prefix = _s3_split(uri)
+        count = 0
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(prefix):].lstrip("/") or Path(obj["Key"]).name
+                target = dest / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.s3.download_file(bucket, obj["Key"], str(target))
+                count += 1
+        return count
+
+    def _download_manifest(self, uri: str, dest: Path) -> int:
+        bucket, key = _s3_split(uri)
+        entries = json.loads(self.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        prefix_bucket, prefix_key = _s3_split(entries[0]["prefix"])
+        for rel in entries[1:]:
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.s3.download_file(prefix_bucket, prefix_key + rel, str(target))
+        return len(entries) - 1
+
+    def _lay_out(self) -> dict[str, str]:
+        """Write the job directory and return the environment the container would see."""
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        config = self.root / "input" / "config"
+        config.mkdir(parents=True)
+        for sub in ("model", "output/data", "checkpoints", "code"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        hps = {k: str(v) for k, v in self.request.get("HyperParameters", {}).items()}
+        (config / "hyperparameters.json").write_text(json.dumps(hps))
+        channels = self.request.get("InputDataConfig", [])
+        (config / "inputdataconfig.json").write_text(json.dumps({
+            c["ChannelName"]: {
+                "ContentType": c.get("ContentType", "application/octet-stream"),
+                "TrainingInputMode": "File",
+                "S3DistributionType": c["DataSource"]["S3DataSource"].get("S3DataDistributionType", "FullyReplicated"),
+                "RecordWrapperType": "None",
+            }
+            for c in channels
+        }))
+        (config / "resourceconfig.json").write_text(json.dumps(
+            {"current_host": "algo-1", "hosts": ["algo-1"], "network_interface_name": "eth0"}))
+        env = {
+            "SM_BASE_DIR": str(self.root),
+            "SM_MODEL_DIR": str(self.root / "model"),
+            "SM_OUTPUT_DIR": str(self.root / "output"),
+            "SM_OUTPUT_DATA_DIR": str(self.root / "output" / "data"),
+            "SM_INPUT_DIR": str(self.root / "input"),
+            "SM_INPUT_CONFIG_DIR": str(config),
+            "SM_CHECKPOINT_DIR": str(self.root / "checkpoints"),
+            "SM_HPS": json.dumps(hps),
+            "SM_HOSTS": json.dumps(["algo-1"]),
+            "SM_CURRENT_HOST": "algo-1",
+            "SM_NUM_GPUS": "0",
+            "SM_NUM_CPUS": str(os.cpu_count() or 1),
+            "SM_CHANNELS": json.dumps([c["ChannelName"] for c in channels]),
+            "SM_TRAINING_JOB_NAME": self.name,
+        }
+        for channel in channels:
+            name = channel["ChannelName"]
+            source = channel["DataSource"]["S3DataSource"]
+            dest = self.root / "input" / "data" / name
+            dest.mkdir(parents=True, exist_ok=True)
+            if source["S3DataType"] == "ManifestFile":
+                n = self._download_manifest(source["S3Uri"], dest)
+            else:
+                n = self._download_prefix(source["S3Uri"], dest)
+            log.info("channel %s: %d files", name, n)
+            env[f"SM_CHANNEL_{name.upper()}"] = str(dest)
+        return env
+
+    # ----------------------------------------------------------------- run
+    def _parse_metrics(self, line: str) -> None:
+        for definition in self.metric_definitions:
+            match = re.search(definition["Regex"], line)
+            if match:
+                try:
+                    self.metrics[definition["Name"]] = float(match.group(1))
+                except ValueError:
+                    continue
+
+    def _upload_dir_as_tar(self, src: Path, uri: str) -> None:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for path in sorted(src.rglob("*")):
+                tar.add(path, arcname=str(path.relative_to(src)), recursive=False)
+        bucket, key = _s3_split(uri)
+        self.s3.put_object(Bucket=bucket, Key=key, Body=buf.getvalue())
+
+    def _sync_checkpoints(self) -> None:
+        """SageMaker copies the checkpoint directory to S3 as it changes; here, once at the end."""
+        config = self.request.get("CheckpointConfig")
+        if not config:
+            return
+        bucket, prefix = _s3_split(config["S3Uri"])
+        local = self.root / "checkpoints"
+        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            self.s3.upload_file(str(path), bucket, prefix.rstrip("/") + "/" + str(path.relative_to(local)))
+
+    def run(self) -> None:
+        """Execute the job to a terminal state; never raises (failures become FailureReason)."""
+        start = time.time()
+        try:
+            self._set_status("InProgress", "Downloading", "Downloading input data")
+            env = {**os.environ, **self._lay_out(), "PYTHONPATH": str(self.repo_root), "PYTHONUNBUFFERED": "1"}
+            self._set_status("InProgress", "Training", "Training image download completed. Training in progress.")
+            max_runtime = self.request.get("StoppingCondition", {}).get("MaxRuntimeInSeconds", 86400)
+            log_path = self.root / "training.log"
+            self.job.training_start_time = datetime.now(timezone.utc)
+            with log_path.open("w") as log_file:
+                proc = subprocess.Popen(
+                    [sys.executable, str(self.repo_root / "training_image" / "train.py"), "train"],
+                    cwd=self.repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                )
+                assert proc.stdout is not None
+                timer = threading.Timer(max_runtime, proc.kill)
+                timer.start()
+                for line in proc.stdout:
+                    log_file.write(line)
+                    log_file.flush()
+                    self._parse_metrics(line)
+                rc = proc.wait()
+                timer.cancel()
+            self.job.final_metric_data_list = [
+                {"MetricName": k, "Value": v, "Timestamp": datetime.now(timezone.utc)} for k, v in self.metrics.items()
+            ]
+            self.job.algorithm_specification["MetricDefinitions"] = self.metric_definitions
+            self._sync_checkpoints()
+            elapsed = int(time.time() - start)
+            self.job.training_time_in_seconds = elapsed
+            self.job.billable_time_in_seconds = elapsed
+            failure_file = self.root / "output" / "failure"
+            if rc != 0:
+                if failure_file.exists() and failure_file.read_text().strip():
+                    reason = failure_file.read_text().strip().splitlines()[0]
+                elif time.time() - start >= max_runtime:
+                    reason = f"MaxRuntimeExceeded: the job ran past {max_runtime} s"
+                else:
+                    reason = f"AlgorithmError: the training process exited with code {rc}; see {log_path}"
+                self.job.failure_reason = reason[:1024]
+                self._set_status("Failed", "Failed", "Training job failed")
+                return
+            self._set_status("InProgress", "Uploading", "Uploading generated training model")
+            out_prefix = f"{self.request['OutputDataConfig']['S3OutputPath'].rstrip('/')}/{self.name}/output"
+            self._upload_dir_as_tar(self.root / "model", f"{out_prefix}/model.tar.gz")
+            self._upload_dir_as_tar(self.root / "output" / "data", f"{out_prefix}/output.tar.gz")
+            self.job.model_artifacts = {"S3ModelArtifacts": f"{out_prefix}/model.tar.gz"}
+            self._set_status("Completed", "Completed", "Training job completed")
+        except Exception as err:  # noqa: BLE001 - whatever breaks, the job must end with a reason
+            log.exception("training job %s broke", self.name)
+            self.job.failure_reason = f"InternalServerError: local runner: {type(err).__name__}: {err}"[:1024]
+            self._set_status("Failed", "Failed", "Training job failed")
+
+
+def install(work_dir: Path, repo_root: Path, emit: Callable[[dict[str, Any]], None],
+            runners: list[TrainingJobRunner]) -> Callable[[], None]:
+    """Make moto's CreateTrainingJob start a real run; returns the function that undoes it."""
+    from moto.sagemaker.models import SageMakerModelBackend
+
+    original = SageMakerModelBackend.create_training_job
+
+    def create_training_job(self: Any, **kwargs: Any) -> Any:
+        if kwargs["training_job_name"] in self.training_jobs:
+            from moto.sagemaker.exceptions import ValidationError
+
+            raise ValidationError(message=f"Training job {kwargs['training_job_name']} already exists")
+        definitions = list(kwargs["algorithm_specification"].get("MetricDefinitions", []))
+        job = original(self, **kwargs)
+        job.algorithm_specification["MetricDefinitions"] = definitions
+        job.training_job_status = "InProgress"
+        job.secondary_status = "Starting"
+        job.final_metric_data_list = []
+        job.training_end_time = None
+        request = {
+            "TrainingJobName": kwargs["training_job_name"],
+            "HyperParameters": kwargs["hyper_parameters"],
+            "AlgorithmSpecification": {**kwargs["algorithm_specification"], "MetricDefinitions": definitions},
+            "InputDataConfig": kwargs["input_data_config"],
+            "OutputDataConfig": kwargs["output_data_config"],
+            "StoppingCondition": kwargs["stopping_condition"] or {},
+            "CheckpointConfig": kwargs["checkpoint_config"],
+        }
+        runner = TrainingJobRunner(job, request, work_dir, repo_root, emit)
+        runners.append(runner)
+        runner.thread.start()
+        return job
+
+    SageMakerModelBackend.create_training_job = create_training_job  # type: ignore[method-assign]
+
+    def undo() -> None:
+        SageMakerModelBackend.create_training_job = original  # type: ignore[method-assign]
+
+    return undo

@@ -1,0 +1,1 @@
+"""Command-line tools for people operating the pipeline."""
