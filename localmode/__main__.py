@@ -142,6 +142,13 @@ def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
+    import logging
+    import warnings
+
+    # moto logs every failed state at WARNING and Powertools warns about empty metric sets: the run's own
+    # output says what failed, and the handlers' logs are in .local/logs.
+    logging.getLogger("moto").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", message="No application metrics to publish")
     parser = argparse.ArgumentParser(prog="python -m localmode", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="run the retraining pipeline end to end on bundled data")

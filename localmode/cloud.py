@@ -9,6 +9,7 @@ import re
 import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -204,8 +205,11 @@ class LocalCloud:
             if not ok:
                 raise RuntimeError(f"{rule.target} failed: {result['errorType']}: {result['errorMessage']}")
         else:
+            # EventBridge names the executions it starts; a readable prefix helps when following them here.
+            name = f"{rule.name.removeprefix('RetrainingStateMachine')[:30]}-{time.strftime('%Y%m%dT%H%M%S')}-" \
+                   f"{uuid.uuid4().hex[:8]}"
             boto3.client("stepfunctions", region_name=REGION).start_execution(
-                stateMachineArn=rule.target, input=payload
+                stateMachineArn=rule.target, input=payload, name=name
             )
 
     # ------------------------------------------------------------------ deployment
