@@ -191,6 +191,21 @@ class LocalCloud:
         EventsBackend.put_events = put_events  # type: ignore[method-assign]
         self._undo.append(lambda: setattr(EventsBackend, "put_events", original_put_events))
 
+        # moto 5.2.5's SendTaskFailure drops ``cause``: without it a failed job's FailureReason would not reach
+        # the execution's error, as it does on AWS.
+        from moto.core.responses import EmptyResult
+        from moto.stepfunctions.responses import StepFunctionResponse
+
+        original_failure = StepFunctionResponse.send_task_failure
+
+        def send_task_failure(handler: Any) -> Any:
+            handler.stepfunction_backend.send_task_failure(
+                handler._get_param("taskToken"), error=handler._get_param("error"), cause=handler._get_param("cause"))
+            return EmptyResult()
+
+        StepFunctionResponse.send_task_failure = send_task_failure  # type: ignore[method-assign]
+        self._undo.append(lambda: setattr(StepFunctionResponse, "send_task_failure", original_failure))
+
         def emit_training_event(detail: dict[str, Any]) -> None:
             bus.put(eventbridge.envelope("aws.sagemaker", "SageMaker Training Job State Change", detail,
                                          account=ACCOUNT, region=REGION,
@@ -254,6 +269,14 @@ class LocalCloud:
                 group_arn = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:model-package-group/{name}"
                 r.refs[logical_id] = group_arn
                 r.attrs[logical_id] = {"ModelPackageGroupName": name, "ModelPackageGroupArn": group_arn}
+            elif res["Type"] == "AWS::CloudWatch::Alarm" and "AlarmName" in res.get("Properties", {}):
+                name = r.resolve(res["Properties"]["AlarmName"])
+                r.refs[logical_id] = name
+                r.attrs[logical_id] = {"Arn": f"arn:aws:cloudwatch:{REGION}:{ACCOUNT}:alarm:{name}"}
+            elif res["Type"] == "AWS::Logs::LogGroup" and "LogGroupName" in res.get("Properties", {}):
+                name = r.resolve(res["Properties"]["LogGroupName"])
+                r.refs[logical_id] = name
+                r.attrs[logical_id] = {"Arn": f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:{name}:*"}
             else:
                 ref, attrs = self._physical(logical_id, res["Type"])
                 r.refs[logical_id] = ref
@@ -359,19 +382,14 @@ class LocalCloud:
     def _create_alarm(self, logical_id: str, res: dict[str, Any]) -> None:
         props = self.resolver.resolve(res["Properties"])
         boto3.client("cloudwatch", region_name=REGION).put_metric_alarm(
-            AlarmName=props.get("AlarmName", self.resolver.refs[logical_id]),
+            AlarmName=self.resolver.refs[logical_id],
             MetricName=props["MetricName"], Namespace=props["Namespace"], Statistic=props["Statistic"],
             Period=int(props["Period"]), EvaluationPeriods=int(props["EvaluationPeriods"]),
             Threshold=float(props["Threshold"]), ComparisonOperator=props["ComparisonOperator"],
         )
-        if "AlarmName" in props:
-            self.resolver.refs[logical_id] = props["AlarmName"]
-            self.resolver.attrs[logical_id]["Arn"] = f"arn:aws:cloudwatch:{REGION}:{ACCOUNT}:alarm:{props['AlarmName']}"
 
     def _create_log_group(self, logical_id: str, res: dict[str, Any]) -> None:
-        props = self.resolver.resolve(res.get("Properties", {}))
-        name = props.get("LogGroupName", self.resolver.refs[logical_id])
-        boto3.client("logs", region_name=REGION).create_log_group(logGroupName=name)
+        boto3.client("logs", region_name=REGION).create_log_group(logGroupName=self.resolver.refs[logical_id])
 
     def _function_properties(self, res: dict[str, Any]) -> dict[str, Any]:
         """The function's properties with SAM's Globals merged in (environment variables merge key by key)."""
