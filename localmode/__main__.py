@@ -99,17 +99,8 @@ def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str,
             return 1
         arn = executions[0]["executionArn"]
         follower = _Follower(cloud, time.monotonic())
-
-        def on_event(event: dict[str, Any]) -> None:
-            follower(event)
-
         say(f"    execution {arn.rsplit(':', 1)[-1]}")
-        desc: dict[str, Any] = {}
-        while not desc:
-            try:
-                desc = cloud.wait_for_execution(arn, timeout=2, on_event=on_event)
-            except TimeoutError:
-                follower.training_lines()
+        desc = cloud.wait_for_execution(arn, timeout=3600, on_event=follower, on_poll=follower.training_lines)
         follower.training_lines()
 
         say("3/3 Summary")

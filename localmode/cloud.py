@@ -178,7 +178,7 @@ class LocalCloud:
 
         def put_events(backend: Any, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             result = original_put_events(backend, events)
-            for entry, outcome in zip(events, result):
+            for entry, outcome in zip(events, result, strict=True):
                 if "EventId" not in outcome:
                     continue
                 detail = json.loads(entry.get("Detail") or "{}")
@@ -430,7 +430,7 @@ class LocalCloud:
         """Layers are directories here: put each layer's source on sys.path, as /opt/python is on Lambda."""
         import sys
 
-        for logical_id, layer in self.template["Resources"].items():
+        for layer in self.template["Resources"].values():
             if layer["Type"] == "AWS::Serverless::LayerVersion":
                 path = str((REPO_ROOT / layer["Properties"]["ContentUri"]).resolve())
                 if path not in sys.path:
@@ -494,9 +494,10 @@ class LocalCloud:
                 self.notifications.append({"subject": body.get("Subject") or "", "message": body.get("Message", "")})
                 sqs.delete_message(QueueUrl=self.inbox_url, ReceiptHandle=message["ReceiptHandle"])
 
-    def wait_for_execution(self, execution_arn: str, timeout: float = 1800.0,
-                           on_event: Any = None) -> dict[str, Any]:
-        """Poll an execution to its end, passing each new history event to ``on_event``."""
+    def wait_for_execution(self, execution_arn: str, timeout: float = 1800.0, on_event: Any = None,
+                           on_poll: Any = None) -> dict[str, Any]:
+        """Poll an execution to its end, passing each new history event to ``on_event``; ``on_poll()`` runs
+        between polls."""
         sfn = boto3.client("stepfunctions", region_name=REGION)
         seen = 0
         deadline = time.monotonic() + timeout
@@ -515,4 +516,6 @@ class LocalCloud:
                 return desc
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{execution_arn} still running after {timeout:.0f} s")
+            if on_poll:
+                on_poll()
             time.sleep(0.5)

@@ -12,7 +12,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 log = logging.getLogger("localmode.events")
@@ -163,7 +163,7 @@ def envelope(source: str, detail_type: str, detail: dict[str, Any], *, account: 
         "detail-type": detail_type,
         "source": source,
         "account": account,
-        "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "region": region,
         "resources": resources or [],
         "detail": detail,
@@ -238,7 +238,7 @@ class LocalEventBus:
 
         threading.Thread(target=wait, daemon=True).start()
         if not done.wait(timeout):
-            raise TimeoutError("events still pending after %.0f s" % timeout)
+            raise TimeoutError(f"events still pending after {timeout:.0f} s")
 
     def close(self) -> None:
         """Stop the worker after the queued events."""

@@ -15,7 +15,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,7 @@ class TrainingJobRunner:
 
     # ----------------------------------------------------------------- status
     def _set_status(self, status: str, secondary: str, message: str) -> None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         transitions = self.job.secondary_status_transitions
         if transitions and "EndTime" not in transitions[-1]:
             transitions[-1]["EndTime"] = now
@@ -198,7 +198,7 @@ class TrainingJobRunner:
             self._set_status("InProgress", "Training", "Training image download completed. Training in progress.")
             max_runtime = self.request.get("StoppingCondition", {}).get("MaxRuntimeInSeconds", 86400)
             log_path = self.root / "training.log"
-            self.job.training_start_time = datetime.now(timezone.utc)
+            self.job.training_start_time = datetime.now(UTC)
             with log_path.open("w") as log_file:
                 proc = subprocess.Popen(
                     [sys.executable, str(self.repo_root / "training_image" / "train.py"), "train"],
@@ -214,7 +214,7 @@ class TrainingJobRunner:
                 rc = proc.wait()
                 timer.cancel()
             self.job.final_metric_data_list = [
-                {"MetricName": k, "Value": v, "Timestamp": datetime.now(timezone.utc)} for k, v in self.metrics.items()
+                {"MetricName": k, "Value": v, "Timestamp": datetime.now(UTC)} for k, v in self.metrics.items()
             ]
             self.job.algorithm_specification["MetricDefinitions"] = self.metric_definitions
             self._sync_checkpoints()

@@ -106,7 +106,7 @@ class Resolver:
             else:
                 raise KeyError(f"parameter {name} has no default and no local value")
             if spec.get("Type") == "CommaDelimitedList":
-                value = [v for v in value.split(",")] if value else [""]
+                value = value.split(",") if value else [""]
             self.parameters[name] = value
         unknown = set(parameters) - set(self.parameters)
         if unknown:

@@ -6,7 +6,8 @@ run again.
 
 Example
 -------
-``python -m tools.upload_dataset --bucket my-data-bucket --folder ./ham10000/images --metadata ./ham10000/HAM10000_metadata.csv``
+``python -m tools.upload_dataset --bucket my-data-bucket --folder ./ham10000/images
+--metadata ./ham10000/HAM10000_metadata.csv``
 """
 
 from __future__ import annotations

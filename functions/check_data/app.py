@@ -12,11 +12,11 @@ import io
 import json
 import os
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import boto3
-from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from boto3.dynamodb.conditions import Key
@@ -26,7 +26,6 @@ from lesion_common.errors import InvalidRequestError
 from lesion_common.labels import classes_for
 
 logger = Logger()
-tracer = Tracer()
 metrics = Metrics()
 
 MANIFEST_TABLE = os.environ["MANIFEST_TABLE"]
@@ -99,8 +98,8 @@ def _parse_time(value: str) -> datetime:
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        return datetime.min.replace(tzinfo=timezone.utc)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+        return datetime.min.replace(tzinfo=UTC)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def assess(
@@ -166,7 +165,6 @@ def write_dataset(client: Any, rows: list[dict[str, Any]], classes: list[str], p
 
 
 @logger.inject_lambda_context(log_event=True)
-@tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Assess the manifest; return the decision and, when enough, where the dataset was written."""

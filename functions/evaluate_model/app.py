@@ -7,13 +7,12 @@ handler never downloads the weights.
 from __future__ import annotations
 
 import io
-import json
 import os
 import tarfile
 from typing import Any
 
 import boto3
-from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -21,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lesion_common.errors import InvalidRequestError, MetricsMissingError
 
 logger = Logger()
-tracer = Tracer()
 metrics = Metrics()
 
 ARTIFACTS_BUCKET = os.environ["ARTIFACTS_BUCKET"]
@@ -112,7 +110,6 @@ def evaluate(sm: Any, client: Any, job_name: str) -> dict[str, Any]:
 
 
 @logger.inject_lambda_context
-@tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Return the candidate's test metrics, the baseline's, and where the full report is."""

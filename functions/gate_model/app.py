@@ -8,14 +8,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from aws_lambda_powertools import Logger, Tracer
+from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, Field, ValidationError
 
 from lesion_common.errors import InvalidRequestError
 
 logger = Logger()
-tracer = Tracer()
 
 THRESHOLDS = {
     "balanced_accuracy": float(os.environ["MIN_BALANCED_ACCURACY"]),
@@ -70,7 +69,6 @@ def judge(candidate: GatedMetrics, baseline: GatedMetrics | None) -> dict[str, A
 
 
 @logger.inject_lambda_context(log_event=True)
-@tracer.capture_lambda_handler
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Decide whether the candidate may be registered."""
     try:

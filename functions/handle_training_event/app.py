@@ -10,7 +10,7 @@ import os
 from typing import Any
 
 import boto3
-from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
@@ -20,7 +20,6 @@ from lesion_common.errors import InvalidRequestError
 from lesion_common.training_jobs import TERMINAL_STATUSES, complete_task
 
 logger = Logger()
-tracer = Tracer()
 metrics = Metrics()
 
 TRAINING_JOBS_TABLE = os.environ["TRAINING_JOBS_TABLE"]
@@ -72,7 +71,6 @@ def handle(step_functions: Any, tbl: Any, event: TrainingStateChange) -> str:
 
 
 @logger.inject_lambda_context(log_event=True)
-@tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, str]:
     """Resume the waiting execution for a terminal job state; heartbeat it for the others."""

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import boto3
-from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -20,7 +20,6 @@ from lesion_common.errors import InvalidRequestError
 from lesion_common.training_jobs import TERMINAL_STATUSES, complete_task, job_name_for_execution
 
 logger = Logger()
-tracer = Tracer()
 metrics = Metrics()
 
 TRAINING_IMAGE_URI = os.environ["TRAINING_IMAGE_URI"]
@@ -204,7 +203,6 @@ def launch(sm: Any, step_functions: Any, tbl: Any, req: LaunchEvent) -> dict[str
 
 
 @logger.inject_lambda_context
-@tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Start (or find) the training job; the execution waits for its token."""

@@ -10,7 +10,7 @@ import os
 from typing import Any
 
 import boto3
-from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.idempotency import (
     DynamoDBPersistenceLayer,
@@ -23,7 +23,6 @@ from pydantic import BaseModel, Field, ValidationError
 from lesion_common.errors import InvalidRequestError
 
 logger = Logger()
-tracer = Tracer()
 metrics = Metrics()
 
 MODEL_PACKAGE_GROUP = os.environ["MODEL_PACKAGE_GROUP"]
@@ -77,7 +76,9 @@ def package_request(req: RegisterEvent) -> dict[str, Any]:
             "SupportedRealtimeInferenceInstanceTypes": INFERENCE_INSTANCE_TYPES,
         },
         "ModelApprovalStatus": "Approved" if AUTO_APPROVE else "PendingManualApproval",
-        "ModelMetrics": {"ModelQuality": {"Statistics": {"ContentType": "application/json", "S3Uri": ev.metrics_s3_uri}}},
+        "ModelMetrics": {
+            "ModelQuality": {"Statistics": {"ContentType": "application/json", "S3Uri": ev.metrics_s3_uri}}
+        },
         "CustomerMetadataProperties": properties,
     }
 
@@ -98,7 +99,6 @@ def register(request: dict[str, Any]) -> dict[str, Any]:
 
 
 @logger.inject_lambda_context(log_event=True)
-@tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Register the candidate; a repeated request returns the first registration."""

@@ -22,7 +22,8 @@ FUNCTIONS = {k: v for k, v in RESOURCES.items() if v["Type"] == "AWS::Serverless
 
 
 def _cfn_lint(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(Path(sys.executable).parent / "cfn-lint"), str(path)], capture_output=True, text=True, timeout=300)
+    cfn_lint = str(Path(sys.executable).parent / "cfn-lint")
+    return subprocess.run([cfn_lint, str(path)], capture_output=True, text=True, timeout=300)
 
 
 def test_cfn_lint_passes() -> None:
@@ -185,3 +186,16 @@ def test_handler_modules_import_without_aws(monkeypatch: pytest.MonkeyPatch) -> 
         finally:
             del sys.modules[spec.name]
         assert callable(module.lambda_handler)
+
+
+@pytest.mark.tools
+def test_sam_build_succeeds_and_packages_stay_small(tmp_path: Path) -> None:
+    """``sam build`` (no Docker) works; functions stay under 1 MB and the shared layer under 30 MB."""
+    if shutil.which("sam") is None:
+        pytest.skip("sam not on PATH (make test puts .venv-sam/bin there)")
+    from benchmarks.package_size import measure, sam_build
+
+    sam_build(tmp_path / "build")
+    result = measure(tmp_path / "build")
+    assert {f"{k}" for k in FUNCTIONS} <= set(result["artifacts"])
+    assert all(row["ok"] for row in result["artifacts"].values()), result

@@ -156,8 +156,8 @@ def test_evaluate_reads_metrics_from_output_tar(aws: None, monkeypatch) -> None:
     out = app.lambda_handler({"trainingJobName": job}, Context())
     assert out["metrics"]["balanced_accuracy"] == 0.61 and out["baseline"] is None
     assert out["metricsS3Uri"] == "s3://artifacts/evaluations/skinlesion-run-1/metrics.json"
-    stored = json.loads(boto3.client("s3").get_object(Bucket="artifacts", Key="evaluations/skinlesion-run-1/metrics.json")
-                        ["Body"].read())
+    key = "evaluations/skinlesion-run-1/metrics.json"
+    stored = json.loads(boto3.client("s3").get_object(Bucket="artifacts", Key=key)["Body"].read())
     assert stored["architecture"] == "efficientnet_lite0"
 
 

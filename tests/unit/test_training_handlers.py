@@ -30,7 +30,8 @@ ENV = {
     "MODEL_PACKAGE_GROUP": "grp",
     "JOB_NAME_PREFIX": "skinlesion",
     "HYPERPARAMETERS": json.dumps({"arch": "efficientnet_b0", "epochs": "30"}),
-    "METRIC_DEFINITIONS": json.dumps([{"Name": "test:balanced_accuracy", "Regex": "test_balanced_accuracy=([0-9.]+);"}]),
+    "METRIC_DEFINITIONS": json.dumps([{"Name": "test:balanced_accuracy",
+                                       "Regex": "test_balanced_accuracy=([0-9.]+);"}]),
     "SUBNET_IDS": "",
     "SECURITY_GROUP_IDS": "",
 }

@@ -1,0 +1,218 @@
+"""The training entry point under the SageMaker contract (docs/contracts.md), with real PyTorch on tiny data."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from lesionml.labels import LABEL_SETS
+from lesionml.preprocessing import preprocess_batch, read_spec
+from training_helpers import FAST_HPS, ROOT, SAMPLE, run_train
+
+METRIC_DEFINITIONS = ROOT / "training_image" / "metric_definitions.json"
+SPLIT_KEYS = {
+    "balanced_accuracy", "accuracy", "macro_auc", "melanoma_sensitivity", "melanoma_specificity",
+    "melanoma_sensitivity_at_spec90", "ece", "per_class", "confusion_matrix",
+}
+TOP_KEYS = {
+    "label_set", "classes", "architecture", "melanoma_threshold", "n_train", "n_validation", "n_test",
+    "validation", "test", "baseline",
+}
+
+
+def _fail(proc: Any) -> str:
+    return f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def dry_run_job(job_factory: Callable[..., Path]) -> tuple[Path, Any]:
+    base = job_factory("dry", {**FAST_HPS, "dry_run": "true", "epochs": "5"})
+    proc = run_train(base)
+    assert proc.returncode == 0, _fail(proc)
+    return base, proc
+
+
+@pytest.fixture(scope="module")
+def full_job(
+    job_factory: Callable[..., Path], dry_run_job: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Any, Path]:
+    """The default architecture (EfficientNet-Lite0, real ImageNet weights), small images, with a baseline."""
+    hps = {**FAST_HPS, "arch": "efficientnet_lite0", "pretrained": "true", "patience": "0"}
+    base = job_factory("full", hps)
+    baseline = base / "input" / "data" / "baseline"
+    baseline.mkdir()
+    with tarfile.open(baseline / "model.tar.gz", "w:gz") as tar:
+        for f in (dry_run_job[0] / "model").iterdir():
+            tar.add(f, arcname=f.name)
+    out_data = tmp_path_factory.mktemp("out-data")
+    proc = run_train(base, env={"SM_OUTPUT_DATA_DIR": str(out_data)})
+    assert proc.returncode == 0, _fail(proc)
+    return base, proc, out_data
+
+
+def test_dry_run_writes_every_output_after_one_batch(dry_run_job: tuple[Path, Any]) -> None:
+    base, proc = dry_run_job
+    model_dir = base / "model"
+    for name in ("model.pt", "model.ts", "classes.json", "preprocessing.json", "metrics.json", "reference_stats.json"):
+        assert (model_dir / name).is_file(), name
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert metrics["dry_run"] is True
+    assert metrics["epochs_run"] == 1  # epochs=5 is overridden by dry_run
+    assert "step 1/1" in proc.stdout
+    assert not (base / "checkpoints").exists()  # dry runs neither read nor write checkpoints
+
+
+def test_model_directory_follows_the_contract(full_job: tuple[Path, Any, Path]) -> None:
+    base, _, _ = full_job
+    model_dir = base / "model"
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert TOP_KEYS <= metrics.keys()
+    assert metrics["label_set"] == "ham7" and metrics["classes"] == list(LABEL_SETS["ham7"])
+    assert metrics["architecture"] == "efficientnet_lite0"
+    for split in ("validation", "test"):
+        block = metrics[split]
+        assert SPLIT_KEYS <= block.keys()
+        assert set(block["per_class"]) == set(LABEL_SETS["ham7"])
+        assert {"precision", "recall", "f1", "support"} == set(block["per_class"]["mel"])
+        cm = np.array(block["confusion_matrix"])
+        assert cm.shape == (7, 7) and cm.sum() == metrics[f"n_{split}"]
+        assert 0.0 <= block["balanced_accuracy"] <= 1.0
+    assert metrics["n_train"] == 42 and metrics["n_test"] == 21
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["history"][0]["frozen_backbone"] and not metrics["history"][1]["frozen_backbone"]
+    assert json.loads((model_dir / "classes.json").read_text()) == {"label_set": "ham7", "classes": list(LABEL_SETS["ham7"])}
+    for png in ("confusion_matrix.png", "roc.png", "reliability.png"):
+        assert (model_dir / "evaluation" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_output_data_dir_gets_metrics_and_report(full_job: tuple[Path, Any, Path]) -> None:
+    base, _, out = full_job
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((base / "model" / "metrics.json").read_text())
+    assert (out / "evaluation" / "roc.png").is_file()
+    assert not (base / "output" / "failure").exists()
+
+
+def test_baseline_channel_is_evaluated_on_the_same_test_split(full_job: tuple[Path, Any, Path]) -> None:
+    base, proc, _ = full_job
+    metrics = json.loads((base / "model" / "metrics.json").read_text())
+    baseline = metrics["baseline"]
+    assert baseline is not None, metrics.get("baseline_error")
+    assert baseline["architecture"] == "mobilenet_v3_small"
+    assert SPLIT_KEYS <= baseline.keys()
+    assert np.array(baseline["confusion_matrix"]).sum() == metrics["n_test"]
+    assert "baseline_balanced_accuracy=" in proc.stdout
+
+
+def test_torchscript_model_serves_probabilities_and_embeddings(full_job: tuple[Path, Any, Path]) -> None:
+    model_dir = full_job[0] / "model"
+    spec = read_spec(model_dir / "preprocessing.json")
+    assert (spec.width, spec.height) == (64, 48)
+    assert spec.mean == (0.498, 0.498, 0.498)  # EfficientNet-Lite normalisation
+    images = sorted((SAMPLE / "images").glob("*.jpg"))[:5]
+    x = torch.from_numpy(preprocess_batch(list(images), spec))
+    ts = torch.jit.load(str(model_dir / "model.ts"))
+    with torch.no_grad():
+        logits = ts(x)
+        probs, emb = ts.predict(x)
+        emb2 = ts.embed(x)
+    assert logits.shape == probs.shape == (5, 7)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(5))
+    torch.testing.assert_close(probs, torch.softmax(logits, dim=1))
+    torch.testing.assert_close(emb, emb2)
+    reference = json.loads((model_dir / "reference_stats.json").read_text())
+    assert emb.shape == (5, reference["embedding"]["dim"])
+    # model.pt is the state dict of the same network.
+    state = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True)
+    assert state["head.1.weight"].shape == (7, reference["embedding"]["dim"])
+
+
+def test_reference_stats_keys(full_job: tuple[Path, Any, Path]) -> None:
+    ref = json.loads((full_job[0] / "model" / "reference_stats.json").read_text())
+    assert {"schema_version", "n", "classes", "class_prior", "embedding", "confidence", "image"} <= ref.keys()
+    assert ref["n"] == 42  # validation (21) + test (21)
+    assert {"train", "reference_true", "reference_predicted"} == set(ref["class_prior"])
+    assert sum(ref["class_prior"]["train"].values()) == pytest.approx(1.0, abs=1e-5)
+    pca = ref["embedding"]["pca"]
+    assert len(pca["components"]) == pca["k"] and len(pca["components"][0]) == ref["embedding"]["dim"]
+    assert len(ref["embedding"]["projections_sample"]) == 42
+    for name in ("brightness", "contrast", "red_mean", "green_mean", "blue_mean", "saturation"):
+        assert 0.0 < ref["image"][name]["mean"] < 1.0
+    assert ref["image"]["width"]["mean"] > 64  # statistics describe the original files, not the model input
+
+
+def test_metric_regexes_match_the_job_output(full_job: tuple[Path, Any, Path]) -> None:
+    _, proc, _ = full_job
+    definitions = json.loads(METRIC_DEFINITIONS.read_text())
+    assert len(definitions) <= 40 and all(len(d["Regex"]) <= 500 for d in definitions)  # SageMaker limits
+    values: dict[str, list[float]] = {}
+    for d in definitions:
+        values[d["Name"]] = [float(m) for m in re.findall(d["Regex"], proc.stdout)]
+        assert values[d["Name"]], f"{d['Name']} never matched"
+    assert values["epoch"] == [1.0, 2.0]
+    assert len(values["validation:balanced_accuracy"]) == 2
+    metrics = json.loads((full_job[0] / "model" / "metrics.json").read_text())
+    assert values["test:balanced_accuracy"] == [pytest.approx(metrics["test"]["balanced_accuracy"], rel=1e-5)]
+    assert values["test:macro_auc"] == [pytest.approx(metrics["test"]["macro_auc"], rel=1e-5)]
+    # test:accuracy must not pick up test_balanced_accuracy and vice versa.
+    assert values["test:accuracy"] == [pytest.approx(metrics["test"]["accuracy"], rel=1e-5)]
+
+
+@pytest.mark.parametrize(
+    ("hps", "fragment"),
+    [
+        ({"epochs": "abc"}, "epochs"),
+        ({"lr": "-1"}, "lr"),
+        ({"arch": "vgg99"}, "arch"),
+        ({"no_such_thing": "1"}, "unknown hyperparameter 'no_such_thing'"),
+    ],
+)
+def test_bad_hyperparameter_fails_cleanly(job_factory: Callable[..., Path], hps: dict[str, str], fragment: str) -> None:
+    base = job_factory("bad", {**FAST_HPS, **hps}, per_class=(1, 1, 1))
+    proc = run_train(base, timeout=60)
+    assert proc.returncode == 2, _fail(proc)
+    lines = (base / "output" / "failure").read_text().splitlines()
+    assert len(lines) == 1 and fragment in lines[0]
+    assert not (base / "model" / "model.ts").exists()
+
+
+def test_missing_channel_fails_cleanly(job_factory: Callable[..., Path]) -> None:
+    base = job_factory("nochannel", FAST_HPS, per_class=(1, 1, 1))
+    (base / "input" / "data" / "images").unlink()
+    proc = run_train(base, timeout=120)
+    assert proc.returncode == 2, _fail(proc)
+    assert "channel 'images' not found" in (base / "output" / "failure").read_text()
+
+
+def test_cli_flags_override_hyperparameters_json(job_factory: Callable[..., Path]) -> None:
+    base = job_factory("cli", {**FAST_HPS, "epochs": "abc"}, per_class=(1, 1, 1))
+    proc = run_train(base, args=["--epochs", "1", "--dry_run=true"], timeout=120)
+    assert proc.returncode == 0, _fail(proc)
+    assert json.loads((base / "model" / "metrics.json").read_text())["hyperparameters"]["epochs"] == "1"
+
+
+def test_killed_job_resumes_from_the_latest_checkpoint(job_factory: Callable[..., Path]) -> None:
+    base = job_factory("resume", {**FAST_HPS, "epochs": "3"}, per_class=(3, 2, 2))
+    first = run_train(base, env={"LESIONML_STOP_AFTER_EPOCH": "1"})
+    assert first.returncode == -signal.SIGKILL, _fail(first)
+    ckpt = torch.load(base / "checkpoints" / "checkpoint-last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["state"]["epoch"] == 1
+    assert not (base / "model" / "model.ts").exists()
+
+    second = run_train(base)
+    assert second.returncode == 0, _fail(second)
+    assert "continuing at epoch 2" in second.stdout
+    epochs = [int(e) for e in re.findall(r"\bepoch=(\d+);", second.stdout)]
+    assert epochs == [2, 3]
+    metrics = json.loads((base / "model" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    # Epoch 1's record came from the checkpoint, not from a rerun.
+    assert metrics["history"][0]["train_loss"] == pytest.approx(ckpt["state"]["history"][0]["train_loss"])
