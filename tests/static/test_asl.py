@@ -56,6 +56,23 @@ def test_no_account_region_or_arn_literals(path: Path) -> None:
     assert not re.search(r"\b(us|eu|ap|sa|ca|me|af)-(east|west|north|south|central|northeast|southeast)-\d\b", text)
 
 
+def _successors(state: dict) -> list[str]:
+    targets = [state.get("Next"), state.get("Default")]
+    targets += [c.get("Next") for c in state.get("Choices", [])]
+    targets += [c.get("Next") for c in state.get("Catch", [])]
+    return [t for t in targets if t]
+
+
+def _notifies(name: str, states: dict[str, dict], seen: frozenset[str] = frozenset()) -> bool:
+    """Does every path from ``name`` publish a notification before it ends?"""
+    state = states[name]
+    if ":sns:publish" in state.get("Resource", ""):
+        return True
+    if state["Type"] in ("Succeed", "Fail") or name in seen:
+        return name in seen  # a loop back is fine: it comes round to its own exits
+    return all(_notifies(n, states, seen | {name}) for n in _successors(state))
+
+
 @pytest.mark.parametrize("path", ASL_FILES, ids=lambda p: p.name)
 def test_every_task_has_retry_and_catch_to_a_notifying_path(path: Path) -> None:
     definition = json.loads(path.read_text())
@@ -68,10 +85,7 @@ def test_every_task_has_retry_and_catch_to_a_notifying_path(path: Path) -> None:
         if ":sns:publish" in state["Resource"]:
             continue  # a failed notification can only end the run
         for catcher in state["Catch"]:
-            target = states[catcher["Next"]]
-            assert target["Type"] == "Task" and ":sns:publish" in target["Resource"], (
-                f"{name} catches to {catcher['Next']}, which does not notify"
-            )
+            assert _notifies(catcher["Next"], states), f"{name} catches to {catcher['Next']}, which does not notify"
 
 
 @pytest.mark.parametrize("path", ASL_FILES, ids=lambda p: p.name)
@@ -80,10 +94,7 @@ def test_every_terminal_path_notifies(path: Path) -> None:
     states = _states(json.loads(path.read_text()))
     predecessors: dict[str, set[str]] = {n: set() for n in states}
     for name, state in states.items():
-        targets = [state.get("Next"), state.get("Default")]
-        targets += [c.get("Next") for c in state.get("Choices", [])]
-        targets += [c.get("Next") for c in state.get("Catch", [])]
-        for target in filter(None, targets):
+        for target in _successors(state):
             predecessors[target].add(name)
     for name, state in states.items():
         if state["Type"] in ("Succeed", "Fail"):

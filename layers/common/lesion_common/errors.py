@@ -30,3 +30,15 @@ class MetricsMissingError(PipelineError):
 
 class RegistrationError(PipelineError):
     """The model package could not be registered."""
+
+
+class EndpointUpdateError(PipelineError):
+    """SageMaker could not create or update the endpoint."""
+
+
+class EndpointRolledBackError(PipelineError):
+    """The endpoint is in service but on the previous configuration: SageMaker rolled the update back."""
+
+
+class SmokeTestFailedError(PipelineError):
+    """The endpoint answered the known image wrongly, or too slowly."""
