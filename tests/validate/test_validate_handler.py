@@ -26,7 +26,6 @@ from .helpers import (
     negatives_rows,
     object_created,
     sample_image_paths,
-    sample_jpeg,
 )
 from .test_validate_imaging import EXPECTED
 
@@ -47,7 +46,7 @@ def assert_quarantined(cloud: Cloud, key: str, data: bytes, code: str) -> dict[s
     assert cloud.body(key) == data, "the upload must stay as it was"
     assert cloud.body(qkey) == data, "the quarantine copy must be the upload"
     reason = json.loads(cloud.body(qkey + ".reason.json"))
-    assert REASON_FIELDS <= set(reason)
+    assert set(reason) >= REASON_FIELDS
     assert (reason["reason_code"], reason["source_key"], reason["size"]) == (code, key, len(data))
     return dict(reason)
 
@@ -394,3 +393,23 @@ def test_the_sample_event_file(cloud: Cloud, ham_images: Path) -> None:
     out = cloud.invoke(event)  # its etag is that file's: the event matches the object
     assert out["outcome"] == "validated" and out["image_id"] == "ISIC_0024306"
     assert np.asarray(decode(cloud.body("validated/ISIC_0024306.jpg"))).shape == (150, 200, 3)
+
+
+def test_versioned_bucket_events_are_pinned_to_their_version(cloud: Cloud) -> None:
+    # The deployed bucket is versioned: an event names a version, and that version is what gets checked and
+    # quarantined, even after the key was overwritten (the newer version has its own event).
+    cloud.s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    key = "incoming/x/ISIC_7777777.jpg"
+    bad = b"not an image at all"
+    v1 = cloud.s3.put_object(Bucket=BUCKET, Key=key, Body=bad)["VersionId"]
+    image_id, good = sample(66)
+    v2 = cloud.s3.put_object(Bucket=BUCKET, Key=key, Body=good)["VersionId"]
+    event = object_created(key, len(bad), None)
+    event["detail"]["object"]["version-id"] = v1
+    out = cloud.invoke(event)
+    assert out["outcome"] == "quarantined" and out["reason_code"] == "unsupported_format"
+    assert cloud.body("quarantine/x/ISIC_7777777.jpg") == bad
+    event["detail"]["object"]["version-id"] = v2
+    assert cloud.invoke(event)["outcome"] == "validated"
+    assert cloud.item("ISIC_7777777")["status"] == "VALIDATED"  # type: ignore[index]
+    assert image_id != "ISIC_7777777"

@@ -212,6 +212,15 @@ def test_metadata_is_stripped_from_jpeg() -> None:
     assert clean.source_sha256 != clean.sha256
 
 
+def test_a_comment_alone_is_stripped() -> None:
+    # Without a profile to apply, the decoded image itself is re-encoded: Pillow would copy its comment over.
+    data = encode(Image.open(io.BytesIO(sample_jpeg(3))), "JPEG", quality=95, comment=b"patient Jane Doe")
+    assert Image.open(io.BytesIO(data)).info["comment"] == b"patient Jane Doe"
+    clean = run(data)
+    assert_clean(clean)
+    assert b"Jane" not in clean.jpeg
+
+
 def test_metadata_is_stripped_from_png() -> None:
     src = Image.open(io.BytesIO(sample_jpeg(4)))
     info = PngImagePlugin.PngInfo()
@@ -257,12 +266,13 @@ def test_alpha_is_dropped_not_composited() -> None:
 # ------------------------------------------------------------------------------------------ limits and bombs
 
 
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
 def png_with_header(width: int, height: int, bit_depth: int = 8, colour: int = 2) -> bytes:
     """A tiny PNG whose IHDR claims width x height, with a few bytes of IDAT."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
+    chunk = _chunk
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour, 0, 0, 0)
     return v.PNG_MAGIC + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
 
@@ -289,7 +299,8 @@ def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     ("data", "code"),
     [
         (png_with_header(100_000, 100_000), "decompression_bomb"),  # past Pillow's own guard (2 x 89.5 MP)
-        (png_with_header(10_000, 9_000), "decompression_bomb"),  # past ours (40 MP), under Pillow's
+        (png_with_header(10_000, 9_000), "decompression_bomb"),  # past Pillow's warning (89.5 MP), made an error
+        (png_with_header(8_000, 6_000), "decompression_bomb"),  # past ours (40 MP) only
         (png_with_header(2**31 - 1, 2**31 - 1), "decompression_bomb"),
         (jpeg_with_header(65_000, 65_000), "decompression_bomb"),
         (png_with_header(5_000, 50), "too_small"),
@@ -297,7 +308,7 @@ def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
         (png_with_header(1_000, 200), "aspect_ratio"),
         (png_with_header(0, 500), "corrupt_image"),
     ],
-    ids=["png-10Gpx", "png-90Mpx", "png-max", "jpeg-4Gpx", "thin", "wide", "aspect", "zero"],
+    ids=["png-10Gpx", "png-90Mpx", "png-48Mpx", "png-max", "jpeg-4Gpx", "thin", "wide", "aspect", "zero"],
 )
 def test_refused_from_the_header_before_decoding(data: bytes, code: str, no_decoding: None) -> None:
     assert len(data) < 10_000  # a few KB claiming gigapixels
@@ -328,6 +339,21 @@ def test_file_size_and_empty_and_unknown_formats() -> None:
         assert reason(data) == "unsupported_format"
     assert reason(b"\xff\xd8\xff" + b"\x00" * 50) == "corrupt_image"
     assert reason(v.PNG_MAGIC + b"\x00" * 50) == "corrupt_image"
+
+
+def test_pillow_errors_other_than_oserror_are_refusals() -> None:
+    # Found by fuzzing: Pillow reports some damage as ValueError or SyntaxError, not OSError.
+    ihdr = v.PNG_MAGIC + _chunk(b"IHDR", b"\x00" * 5) + _chunk(b"IEND", b"")
+    with pytest.raises(ImageValidationError) as info:
+        run(ihdr)
+    assert info.value.reason_code == "corrupt_image" and isinstance(info.value.__cause__, ValueError)
+    png = bytearray(encode(Image.open(io.BytesIO(sample_jpeg(2))).resize((600, 450)), "PNG"))
+    second_idat = png.index(b"IDAT", png.index(b"IDAT") + 4)
+    assert second_idat > 0, "needs a PNG with several IDAT chunks"
+    png[second_idat : second_idat + 4] = b"\x00\x00\x00\x00"
+    with pytest.raises(ImageValidationError) as info:
+        run(bytes(png))
+    assert info.value.reason_code == "corrupt_image" and isinstance(info.value.__cause__, SyntaxError)
 
 
 def test_truncated_real_jpeg_and_png_are_refused() -> None:

@@ -1,0 +1,665 @@
+"""Validate every upload to the data bucket's ``incoming/`` prefix (EventBridge S3 "Object Created").
+
+An image is decoded and checked (``lesion_imaging.validation``); a good one is written, clean, to
+``validated/<image_id>.jpg`` and recorded in the manifest table as VALIDATED, or as DUPLICATE when the same or
+nearly the same picture is already there under another id. A bad one is copied with its reason to
+``quarantine/`` and recorded as QUARANTINED. A metadata CSV (HAM10000 or ISIC 2019 ground truth) sets labels and
+lesions on the manifest items. The upload itself is never deleted or changed.
+
+Every outcome is idempotent: the manifest item is keyed by the image id and written with expressions that give
+the same item whatever the order or repetition of events. Unexpected AWS errors propagate so that Lambda retries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import PurePosixPath
+from typing import Any, Final, Literal
+from urllib.parse import unquote_plus
+
+import boto3
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from boto3.dynamodb.types import TypeSerializer
+from botocore.config import Config
+from botocore.exceptions import ClientError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lesion_common.errors import InvalidRequestError
+from lesion_common.labels import ALL_CODES, MetadataFormatError, classes_for, is_valid_image_id, parse_metadata_csv
+from lesion_common.splits import assign_split
+from lesion_imaging.validation import (
+    NEAR_DUPLICATE_BITS,
+    CleanImage,
+    ImageValidationError,
+    ValidationLimits,
+    hamming,
+    validate_image_bytes,
+)
+
+logger = Logger()
+tracer = Tracer()
+metrics = Metrics()
+
+DATA_BUCKET = os.environ["DATA_BUCKET"]
+MANIFEST_TABLE = os.environ["MANIFEST_TABLE"]
+LABEL_SET = os.environ["LABEL_SET"]
+LIMITS = ValidationLimits(
+    min_side=int(os.environ["MIN_IMAGE_SIDE"]),
+    max_side=int(os.environ["MAX_IMAGE_SIDE"]),
+    max_pixels=int(os.environ["MAX_IMAGE_PIXELS"]),
+    max_aspect_ratio=float(os.environ["MAX_ASPECT_RATIO"]),
+    max_bytes=int(os.environ["MAX_UPLOAD_BYTES"]),
+)
+
+# A metadata CSV holds up to ~25k rows (ISIC 2019); one UpdateItem each, so they go out in parallel.
+CSV_WORKERS: Final = 8
+s3 = boto3.client("s3")
+dynamodb = boto3.client("dynamodb", config=Config(max_pool_connections=CSV_WORKERS + 2))
+
+INCOMING: Final = "incoming/"
+VALIDATED_PREFIX: Final = "validated/"
+QUARANTINE_PREFIX: Final = "quarantine/"
+STATUS_INDEX: Final = "by-status"
+VALIDATED: Final = "VALIDATED"
+DUPLICATE: Final = "DUPLICATE"
+QUARANTINED: Final = "QUARANTINED"
+LABEL_ONLY: Final = "LABEL_ONLY"
+# CopyObject's limit; a larger upload is left where it is and only its reason is written.
+MAX_COPY_BYTES: Final = 5 * 1024**3
+MAX_REPORTED_ROWS: Final = 1000
+
+_serialize = TypeSerializer().serialize
+
+Outcome = dict[str, Any]
+
+
+class S3Bucket(BaseModel):
+    """``detail.bucket``."""
+
+    name: str = Field(min_length=1)
+
+
+class S3Object(BaseModel):
+    """``detail.object``; size, etag and version are absent on some event sources, so optional."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    key: str = Field(min_length=1)
+    size: int | None = Field(default=None, ge=0)
+    etag: str | None = None
+    version_id: str | None = Field(default=None, alias="version-id")
+
+
+class ObjectCreatedDetail(BaseModel):
+    """``detail`` of an S3 event delivered through EventBridge."""
+
+    bucket: S3Bucket
+    obj: S3Object = Field(alias="object")
+
+
+class ObjectCreatedEvent(BaseModel):
+    """The EventBridge event this function is invoked with (other fields are ignored)."""
+
+    source: Literal["aws.s3"]
+    detail_type: Literal["Object Created"] = Field(alias="detail-type")
+    detail: ObjectCreatedDetail
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the processing functions need from the configuration."""
+
+    bucket: str
+    table: str
+    label_set: str
+    limits: ValidationLimits
+    near_duplicate_bits: int = NEAR_DUPLICATE_BITS
+
+    def __post_init__(self) -> None:
+        classes_for(self.label_set)  # an unknown label set fails here (the cold start), not on every upload
+
+    @property
+    def classes(self) -> frozenset[str]:
+        """The label set's class codes."""
+        return frozenset(classes_for(self.label_set))
+
+
+@dataclass(frozen=True)
+class Upload:
+    """The object an event names."""
+
+    key: str
+    size: int | None = None
+    etag: str | None = None
+    version_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """An upload as read: ``data`` is None when it is over the size limit (then it is not downloaded)."""
+
+    key: str
+    size: int
+    etag: str | None
+    version_id: str | None
+    data: bytes | None
+
+
+SETTINGS = Settings(bucket=DATA_BUCKET, table=MANIFEST_TABLE, label_set=LABEL_SET, limits=LIMITS)
+
+
+# ---------------------------------------------------------------------------------------------------- keys
+
+
+def route(key: str) -> Literal["ignore", "csv", "image"]:
+    """What an uploaded key is: only ``incoming/`` matters, and only the extension ``.csv`` is special.
+
+    Images are not recognised by extension: the content decides, so a ``.gif`` or a nameless file is an image
+    candidate that validation refuses with a reason.
+    """
+    if not key.startswith(INCOMING) or key.endswith("/"):
+        return "ignore"
+    return "csv" if key.lower().endswith(".csv") else "image"
+
+
+def image_id_for(key: str) -> str:
+    """The image id: the file name without its extension (``incoming/x/ISIC_0024306.jpg`` -> ``ISIC_0024306``)."""
+    return PurePosixPath(key).stem
+
+
+def label_for(key: str) -> str | None:
+    """The class code from ``incoming/<anything>/<label>/<file>``, when ``<label>`` is a known code (any set)."""
+    parts = key.split("/")
+    if len(parts) >= 4 and parts[-2].lower() in ALL_CODES:
+        return parts[-2].lower()
+    return None
+
+
+def source_for(key: str) -> str:
+    """The dataset name: the first folder under ``incoming/``, or ``upload`` for a file directly in it."""
+    parts = key.split("/")
+    return parts[1] if len(parts) >= 3 and parts[1] else "upload"
+
+
+def quarantine_key_for(key: str) -> str:
+    """``incoming/a/b.jpg`` -> ``quarantine/a/b.jpg``."""
+    return QUARANTINE_PREFIX + key.removeprefix(INCOMING)
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC with milliseconds, the manifest's time format."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+# ---------------------------------------------------------------------------------------------------- S3
+
+
+def _error_code(err: ClientError) -> str:
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
+def fetch(client: Any, bucket: str, upload: Upload, max_bytes: int) -> Fetched | None:
+    """Read the upload, pinned to the event's version (or ETag) so that what is checked is what was uploaded.
+
+    Returns
+    -------
+    Fetched or None
+        None when the object is gone or was replaced since the event (the replacement has its own event).
+    """
+    pin: dict[str, str] = {}
+    if upload.version_id:
+        pin["VersionId"] = upload.version_id
+    elif upload.etag:
+        pin["IfMatch"] = upload.etag
+    # S3 notifications URL-encode keys ("a b.jpg" -> "a+b.jpg"); EventBridge's do not. Try as given, then decoded.
+    candidates = [upload.key] + ([unquote_plus(upload.key)] if unquote_plus(upload.key) != upload.key else [])
+    for key in candidates:
+        try:
+            resp = client.get_object(Bucket=bucket, Key=key, **pin)
+        except ClientError as err:
+            code = _error_code(err)
+            if code in ("NoSuchKey", "404", "NoSuchVersion"):
+                continue
+            if code in ("PreconditionFailed", "412"):
+                logger.info("upload replaced since the event; its own event will handle it", extra={"key": key})
+                return None
+            raise
+        body = resp["Body"]
+        size = int(resp["ContentLength"])
+        try:
+            data = None if size > max_bytes else body.read()
+        finally:
+            body.close()
+        return Fetched(key, size, resp.get("ETag"), resp.get("VersionId"), data)
+    logger.warning("upload no longer exists; nothing to validate", extra={"key": upload.key})
+    return None
+
+
+def quarantine(
+    client: Any,
+    bucket: str,
+    fetched: Fetched,
+    reason_code: str,
+    message: str,
+    checked_at: str,
+    details: Mapping[str, Any] | None = None,
+) -> str | None:
+    """Copy the upload to ``quarantine/`` and write ``<copy>.reason.json`` beside it.
+
+    Returns
+    -------
+    str or None
+        The quarantine key, or None when the upload was replaced before it could be copied.
+    """
+    qkey = quarantine_key_for(fetched.key)
+    reason: dict[str, Any] = {
+        "reason_code": reason_code,
+        "message": message,
+        "source_key": fetched.key,
+        "size": fetched.size,
+        "checked_at": checked_at,
+        **(details or {}),
+    }
+    if fetched.size <= MAX_COPY_BYTES:
+        source: dict[str, str] = {"Bucket": bucket, "Key": fetched.key}
+        pin: dict[str, str] = {}
+        if fetched.version_id and fetched.version_id != "null":
+            source["VersionId"] = fetched.version_id
+        elif fetched.etag:
+            pin["CopySourceIfMatch"] = fetched.etag
+        try:
+            client.copy_object(CopySource=source, Bucket=bucket, Key=qkey, **pin)
+        except ClientError as err:
+            if _error_code(err) in ("PreconditionFailed", "412"):
+                logger.info("upload replaced before quarantine; its own event will handle it", extra={"key": qkey})
+                return None
+            raise
+    else:
+        reason["not_copied"] = f"over {MAX_COPY_BYTES} bytes: the upload is left in place, only this reason is written"
+    client.put_object(
+        Bucket=bucket,
+        Key=qkey + ".reason.json",
+        Body=json.dumps(reason, indent=2).encode(),
+        ContentType="application/json",
+    )
+    return qkey
+
+
+# ---------------------------------------------------------------------------------------------------- manifest
+
+
+def build_update(
+    set_values: Mapping[str, Any],
+    set_if_absent: Mapping[str, Any] | None = None,
+    remove: Iterable[str] = (),
+) -> dict[str, Any]:
+    """UpdateItem arguments: SET these, SET those only where absent, REMOVE the rest (all names aliased)."""
+    names: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    sets: list[str] = []
+    for i, (name, value) in enumerate(set_values.items()):
+        names[f"#s{i}"], values[f":s{i}"] = name, _serialize(value)
+        sets.append(f"#s{i} = :s{i}")
+    for i, (name, value) in enumerate((set_if_absent or {}).items()):
+        names[f"#a{i}"], values[f":a{i}"] = name, _serialize(value)
+        sets.append(f"#a{i} = if_not_exists(#a{i}, :a{i})")
+    removes: list[str] = []
+    for i, name in enumerate(n for n in remove if n not in set_values):
+        names[f"#r{i}"] = name
+        removes.append(f"#r{i}")
+    expr = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
+    return {"UpdateExpression": expr, "ExpressionAttributeNames": names, "ExpressionAttributeValues": values}
+
+
+def get_item(client: Any, table: str, image_id: str) -> dict[str, Any] | None:
+    """The manifest item, strongly consistent, as plain strings/numbers (only S and N attributes are used)."""
+    item = client.get_item(TableName=table, Key={"image_id": {"S": image_id}}, ConsistentRead=True).get("Item")
+    if item is None:
+        return None
+    return {k: next(iter(v.values())) for k, v in item.items()}
+
+
+def find_duplicate(
+    client: Any, table: str, image_id: str, sha256: str, phash: str, max_bits: int
+) -> tuple[str, int] | None:
+    """The VALIDATED image this one duplicates: same clean bytes (distance 0), else the nearest pHash within
+    ``max_bits`` (ties to the smaller id, so reruns agree).
+
+    Reads ``image_id, sha256, phash`` of every VALIDATED item through the ``by-status`` index: about 150 bytes
+    an item, so 25k images are a few 1 MB pages. Two copies uploaded at the same instant can both pass (the
+    index is eventually consistent); check_data's dataset build is the place that can also drop equal sha256s.
+    """
+    best: tuple[int, str] | None = None
+    pages = client.get_paginator("query").paginate(
+        TableName=table,
+        IndexName=STATUS_INDEX,
+        KeyConditionExpression="#st = :st",
+        ExpressionAttributeNames={"#st": "status"},
+        ExpressionAttributeValues={":st": {"S": VALIDATED}},
+        ProjectionExpression="image_id, sha256, phash",
+    )
+    for page in pages:
+        for item in page.get("Items", []):
+            other = item["image_id"]["S"]
+            if other == image_id:
+                continue
+            if item.get("sha256", {}).get("S") == sha256:
+                return other, 0
+            other_hash = item.get("phash", {}).get("S", "")
+            if len(other_hash) != len(phash):  # a hash of another construction is not comparable
+                continue
+            distance = hamming(phash, other_hash)
+            if distance <= max_bits and (best is None or (distance, other) < best):
+                best = (distance, other)
+    return (best[1], best[0]) if best else None
+
+
+def record_validated(
+    client: Any,
+    settings: Settings,
+    fetched: Fetched,
+    image_id: str,
+    clean: CleanImage,
+    label: str | None,
+    duplicate: tuple[str, int] | None,
+    validated_at: str,
+) -> None:
+    """Upsert the item of a validated image; lesion and split stay as a CSV set them, else come from the id."""
+    values: dict[str, Any] = {
+        "status": DUPLICATE if duplicate else VALIDATED,
+        "key": f"{VALIDATED_PREFIX}{image_id}.jpg",
+        "source_key": fetched.key,
+        "sha256": clean.sha256,
+        "source_sha256": clean.source_sha256,
+        "phash": clean.phash,
+        "width": clean.width,
+        "height": clean.height,
+        "bytes": len(clean.jpeg),
+        "source_bytes": fetched.size,
+        "validated_at": validated_at,
+        "label_set": settings.label_set,
+        "source": source_for(fetched.key),
+    }
+    if label is not None:
+        values["label"] = label
+    if duplicate:
+        values["duplicate_of"], values["duplicate_distance"] = duplicate
+    client.update_item(
+        TableName=settings.table,
+        Key={"image_id": {"S": image_id}},
+        **build_update(
+            values,
+            {"lesion_id": image_id, "split": assign_split(image_id)},
+            remove=("reason_code", "reason", "quarantine_key", "checked_at", "duplicate_of", "duplicate_distance"),
+        ),
+    )
+
+
+def record_quarantined(
+    client: Any,
+    settings: Settings,
+    fetched: Fetched,
+    image_id: str,
+    reason_code: str,
+    message: str,
+    quarantine_key: str,
+    checked_at: str,
+    source_sha256: str | None,
+) -> bool:
+    """Mark the item QUARANTINED, unless it already holds a good image (a bad re-upload must not remove it).
+
+    Returns
+    -------
+    bool
+        False when the item was left as it was.
+    """
+    values: dict[str, Any] = {
+        "status": QUARANTINED,
+        "reason_code": reason_code,
+        "reason": message,
+        "source_key": fetched.key,
+        "quarantine_key": quarantine_key,
+        "source_bytes": fetched.size,
+        "checked_at": checked_at,
+        "label_set": settings.label_set,
+        "source": source_for(fetched.key),
+    }
+    if source_sha256 is not None:
+        values["source_sha256"] = source_sha256
+    update = build_update(values, {"lesion_id": image_id, "split": assign_split(image_id)})
+    update["ExpressionAttributeNames"]["#status"] = "status"
+    update["ExpressionAttributeValues"].update({":keep1": {"S": VALIDATED}, ":keep2": {"S": DUPLICATE}})
+    try:
+        client.update_item(
+            TableName=settings.table,
+            Key={"image_id": {"S": image_id}},
+            ConditionExpression="attribute_not_exists(#status) OR NOT #status IN (:keep1, :keep2)",
+            **update,
+        )
+    except ClientError as err:
+        if _error_code(err) == "ConditionalCheckFailedException":
+            return False
+        raise
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------- processing
+
+
+def _quarantine_image(
+    s3_client: Any,
+    ddb: Any,
+    settings: Settings,
+    fetched: Fetched,
+    image_id: str,
+    reason_code: str,
+    message: str,
+    source_sha256: str | None,
+    record: bool = True,
+) -> Outcome:
+    """Quarantine an image upload and, unless ``record`` is False, mark its manifest item."""
+    checked_at = utc_now()
+    qkey = quarantine(s3_client, settings.bucket, fetched, reason_code, message, checked_at)
+    if qkey is None:
+        return {"outcome": "superseded", "key": fetched.key, "image_id": image_id}
+    recorded = record and record_quarantined(
+        ddb, settings, fetched, image_id, reason_code, message, qkey, checked_at, source_sha256
+    )
+    logger.warning(
+        "upload quarantined",
+        extra={"key": fetched.key, "image_id": image_id, "reason_code": reason_code, "reason": message,
+               "manifest_updated": recorded},
+    )
+    return {
+        "outcome": "quarantined",
+        "key": fetched.key,
+        "image_id": image_id,
+        "reason_code": reason_code,
+        "reason": message,
+        "quarantine_key": qkey,
+        "manifest_updated": recorded,
+    }
+
+
+def process_image(s3_client: Any, ddb: Any, settings: Settings, upload: Upload) -> Outcome:
+    """Validate one uploaded image and record the result (see the module docstring)."""
+    image_id = image_id_for(upload.key)
+    fetched = fetch(s3_client, settings.bucket, upload, settings.limits.max_bytes)
+    if fetched is None:
+        return {"outcome": "gone", "key": upload.key, "image_id": image_id}
+    image_id = image_id_for(fetched.key)  # the key may have needed URL-decoding
+    if not is_valid_image_id(image_id):
+        return _quarantine_image(
+            s3_client, ddb, settings, fetched, image_id, "invalid_image_id",
+            f"file name {image_id!r} is not a usable image id ([A-Za-z0-9][A-Za-z0-9_.-]{{0,127}})", None,
+            record=False,
+        )
+    if fetched.data is None:
+        return _quarantine_image(
+            s3_client, ddb, settings, fetched, image_id, "file_too_large",
+            f"{fetched.size} bytes, limit {settings.limits.max_bytes}", None,
+        )
+    source_sha256 = hashlib.sha256(fetched.data).hexdigest()
+    existing = get_item(ddb, settings.table, image_id)
+    if (
+        existing is not None
+        and existing.get("source_sha256") == source_sha256
+        and existing.get("source_key") == fetched.key
+        and existing.get("status") in (VALIDATED, DUPLICATE, QUARANTINED)
+    ):
+        logger.info("same upload already processed", extra={"key": fetched.key, "status": existing["status"]})
+        return {"outcome": "unchanged", "key": fetched.key, "image_id": image_id, "status": existing["status"]}
+
+    label = label_for(fetched.key)
+    if label is not None and label not in settings.classes:
+        return _quarantine_image(
+            s3_client, ddb, settings, fetched, image_id, "label_not_in_label_set",
+            f"folder label {label!r} is not a class of {settings.label_set}", source_sha256,
+        )
+    try:
+        clean = validate_image_bytes(fetched.data, limits=settings.limits)
+    except ImageValidationError as err:
+        return _quarantine_image(
+            s3_client, ddb, settings, fetched, image_id, err.reason_code, err.message, source_sha256
+        )
+
+    duplicate = find_duplicate(
+        ddb, settings.table, image_id, clean.sha256, clean.phash, settings.near_duplicate_bits
+    )
+    key = f"{VALIDATED_PREFIX}{image_id}.jpg"
+    # The file first: a VALIDATED item must always point at an existing object.
+    s3_client.put_object(Bucket=settings.bucket, Key=key, Body=clean.jpeg, ContentType="image/jpeg")
+    record_validated(ddb, settings, fetched, image_id, clean, label, duplicate, utc_now())
+    outcome: Outcome = {
+        "outcome": "duplicate" if duplicate else "validated",
+        "key": fetched.key,
+        "image_id": image_id,
+        "validated_key": key,
+        "width": clean.width,
+        "height": clean.height,
+        "sha256": clean.sha256,
+        "phash": clean.phash,
+        "conversions": list(clean.conversions),
+    }
+    if label is not None:
+        outcome["label"] = label
+    if duplicate:
+        outcome["duplicate_of"], outcome["duplicate_distance"] = duplicate
+    logger.info("image validated", extra={k: v for k, v in outcome.items() if k != "phash"})
+    return outcome
+
+
+def _apply_label_row(ddb: Any, settings: Settings, csv_key: str, image_id: str, label: str, lesion: str | None) -> None:
+    values: dict[str, Any] = {"label": label, "label_set": settings.label_set, "label_source": csv_key}
+    absent: dict[str, Any] = {"status": LABEL_ONLY, "source": source_for(csv_key)}
+    # A CSV that names the lesion is authoritative for lesion and split; one that does not leaves them as found.
+    target = values if lesion is not None else absent
+    target["lesion_id"] = lesion or image_id
+    target["split"] = assign_split(lesion or image_id)
+    ddb.update_item(TableName=settings.table, Key={"image_id": {"S": image_id}}, **build_update(values, absent))
+
+
+def process_csv(s3_client: Any, ddb: Any, settings: Settings, upload: Upload) -> Outcome:
+    """Apply a metadata CSV's labels to the manifest; quarantine it (a copy) when rows or the whole file are bad."""
+    fetched = fetch(s3_client, settings.bucket, upload, settings.limits.max_bytes)
+    if fetched is None:
+        return {"outcome": "gone", "key": upload.key}
+
+    def reject(reason_code: str, message: str, details: Mapping[str, Any] | None = None) -> str | None:
+        qkey = quarantine(s3_client, settings.bucket, fetched, reason_code, message, utc_now(), details)
+        logger.warning("metadata CSV quarantined", extra={"key": fetched.key, "reason_code": reason_code})
+        return qkey
+
+    if fetched.data is None:
+        reject("file_too_large", f"{fetched.size} bytes, limit {settings.limits.max_bytes}")
+        return {"outcome": "quarantined", "key": fetched.key, "reason_code": "file_too_large"}
+    try:
+        rows = parse_metadata_csv(fetched.data.decode("utf-8-sig"), label_set=settings.label_set)
+    except UnicodeDecodeError as err:
+        reject("invalid_csv", f"not UTF-8 text: {err}")
+        return {"outcome": "quarantined", "key": fetched.key, "reason_code": "invalid_csv"}
+    except MetadataFormatError as err:
+        reject("unknown_csv_format", str(err))
+        return {"outcome": "quarantined", "key": fetched.key, "reason_code": "unknown_csv_format"}
+
+    good = [r for r in rows if r.ok and r.label is not None]
+    bad = [r for r in rows if not r.ok]
+    with ThreadPoolExecutor(max_workers=CSV_WORKERS) as pool:
+        # list() so that the first failed write raises here, and Lambda retries the whole (idempotent) file.
+        list(pool.map(lambda r: _apply_label_row(ddb, settings, fetched.key, r.image_id, str(r.label), r.lesion_id),
+                      good))
+    skipped: dict[str, int] = {}
+    for r in bad:
+        skipped[str(r.skip_reason)] = skipped.get(str(r.skip_reason), 0) + 1
+    outcome: Outcome = {"outcome": "labels", "key": fetched.key, "rows": len(rows), "applied": len(good),
+                        "skipped": skipped}
+    if bad:
+        outcome["quarantine_key"] = reject(
+            "rows_rejected",
+            f"{len(bad)} of {len(rows)} rows skipped ({', '.join(f'{k}: {v}' for k, v in sorted(skipped.items()))}); "
+            f"the other {len(good)} were applied",
+            {
+                "applied_rows": len(good),
+                "rejected_rows": [
+                    {"line": r.line, "image_id": r.image_id, "reason": r.skip_reason} for r in bad[:MAX_REPORTED_ROWS]
+                ],
+            },
+        )
+    logger.info("metadata CSV applied", extra=outcome)
+    return outcome
+
+
+def process_upload(s3_client: Any, ddb: Any, settings: Settings, upload: Upload) -> Outcome:
+    """Route one uploaded object to its processing."""
+    kind = route(upload.key)
+    if kind == "ignore":
+        logger.info("not under incoming/: ignored", extra={"key": upload.key})
+        return {"outcome": "ignored", "key": upload.key}
+    if kind == "csv":
+        return process_csv(s3_client, ddb, settings, upload)
+    return process_image(s3_client, ddb, settings, upload)
+
+
+_METRIC_FOR: Final = {
+    "validated": "ImagesValidated",
+    "duplicate": "ImagesDuplicate",
+    "quarantined": "UploadsQuarantined",
+    "labels": "LabelRowsApplied",
+}
+
+
+@logger.inject_lambda_context(log_event=True)
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> Outcome:
+    """Validate the object named by an EventBridge S3 "Object Created" event.
+
+    Raises
+    ------
+    InvalidRequestError
+        The event is not an S3 Object Created event.
+    """
+    try:
+        req = ObjectCreatedEvent.model_validate(event)
+    except ValidationError as err:
+        raise InvalidRequestError(f"not an S3 Object Created event: {err}") from err
+    obj = req.detail.obj
+    if req.detail.bucket.name != SETTINGS.bucket:
+        logger.warning("event for another bucket: ignored", extra={"bucket": req.detail.bucket.name})
+        return {"outcome": "ignored", "key": obj.key}
+    upload = Upload(key=obj.key, size=obj.size, etag=obj.etag, version_id=obj.version_id)
+    outcome = process_upload(s3, dynamodb, SETTINGS, upload)
+    metric = _METRIC_FOR.get(outcome["outcome"])
+    if metric:
+        value = outcome.get("applied", 1)
+        metrics.add_metric(name=metric, unit=MetricUnit.Count, value=value)
+    if "reason_code" in outcome:
+        metrics.add_dimension(name="reason_code", value=str(outcome["reason_code"]))
+    return outcome

@@ -1,0 +1,196 @@
+"""Label sets and the metadata CSVs that carry labels (see docs/contracts.md, "Label sets").
+
+Class codes are lower case and ordered as the model's output index. Mirrored by ``lesionml/labels.py``; a test
+keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from dataclasses import dataclass
+from typing import Final
+
+HAM7: Final[tuple[str, ...]] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+ISIC8: Final[tuple[str, ...]] = ("mel", "nv", "bcc", "ak", "bkl", "df", "vasc", "scc")
+LABEL_SETS: Final[dict[str, tuple[str, ...]]] = {"ham7": HAM7, "isic8": ISIC8}
+MELANOMA: Final = "mel"
+# Every code of every set: a folder with one of these names in an upload key is read as a label.
+ALL_CODES: Final[frozenset[str]] = frozenset(HAM7) | frozenset(ISIC8)
+# ISIC 2019 ground-truth columns, in file order; UNK marks "none of the eight" and is not a class.
+ISIC2019_COLUMNS: Final[tuple[str, ...]] = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
+ISIC2019_UNKNOWN: Final = "UNK"
+# Image ids become S3 keys and DynamoDB keys: keep them to what ISIC and HAM use, plus a little room.
+IMAGE_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+HAM10000_FORMAT: Final = "ham10000"
+ISIC2019_FORMAT: Final = "isic2019"
+
+
+class UnknownLabelSetError(ValueError):
+    """A label set name that is not ``ham7`` or ``isic8``."""
+
+
+class MetadataFormatError(ValueError):
+    """A CSV that is neither HAM10000 metadata nor ISIC 2019 ground truth."""
+
+
+def classes_for(label_set: str) -> list[str]:
+    """The class codes of a label set, in model output order.
+
+    Raises
+    ------
+    UnknownLabelSetError
+        ``label_set`` is not one of :data:`LABEL_SETS`.
+    """
+    try:
+        return list(LABEL_SETS[label_set])
+    except KeyError:
+        raise UnknownLabelSetError(f"unknown label set {label_set!r}; expected one of {sorted(LABEL_SETS)}") from None
+
+
+def is_valid_image_id(image_id: str) -> bool:
+    """Whether ``image_id`` may be used as a manifest key and an S3 file name."""
+    return IMAGE_ID_PATTERN.fullmatch(image_id) is not None
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    """One data row of a metadata CSV, usable or not.
+
+    Attributes
+    ----------
+    line
+        1-based line number in the file (the header is line 1).
+    image_id
+        As written in the file (stripped); may be empty on a bad row.
+    label
+        Lower-case class code, or None when the row is skipped.
+    lesion_id
+        The lesion, or None when the format has none (ISIC 2019 ground truth).
+    skip_reason
+        None for a usable row; else a short code: ``unk``, ``unknown_label``, ``label_not_in_label_set``,
+        ``invalid_image_id``, ``invalid_lesion_id``, ``not_one_hot``, ``bad_value``, ``malformed_row``,
+        ``duplicate_row``, ``conflicting_label``.
+    """
+
+    line: int
+    image_id: str
+    label: str | None
+    lesion_id: str | None
+    skip_reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the row can be applied to the manifest."""
+        return self.skip_reason is None
+
+
+def detect_format(header: list[str]) -> str:
+    """``"ham10000"`` or ``"isic2019"`` from a CSV header row.
+
+    Raises
+    ------
+    MetadataFormatError
+        Neither format's required columns are present.
+    """
+    cols = {c.strip() for c in header}
+    if {"image_id", "dx"} <= cols:
+        return HAM10000_FORMAT
+    if {"image", *ISIC2019_COLUMNS} <= cols:
+        return ISIC2019_FORMAT
+    raise MetadataFormatError(
+        "not a label CSV: expected HAM10000 columns (lesion_id,image_id,dx,...) or ISIC 2019 ground truth "
+        f"(image,{','.join(ISIC2019_COLUMNS)},UNK); got {','.join(header[:12])}"
+    )
+
+
+def _ham_row(rec: dict[str, str]) -> tuple[str, str | None, str | None, str | None]:
+    """(image_id, label, lesion_id, skip_reason) of a HAM10000 metadata row."""
+    image_id = (rec.get("image_id") or "").strip()
+    lesion_id = (rec.get("lesion_id") or "").strip() or None
+    dx = (rec.get("dx") or "").strip().lower()
+    if dx not in ALL_CODES:
+        return image_id, None, lesion_id, "unknown_label"
+    return image_id, dx, lesion_id, None
+
+
+def _isic_row(rec: dict[str, str]) -> tuple[str, str | None, str | None, str | None]:
+    """(image_id, label, None, skip_reason) of an ISIC 2019 one-hot ground-truth row."""
+    image_id = (rec.get("image") or "").strip()
+    columns = [*ISIC2019_COLUMNS, ISIC2019_UNKNOWN] if ISIC2019_UNKNOWN in rec else list(ISIC2019_COLUMNS)
+    try:
+        values = [float((rec.get(c) or "").strip()) for c in columns]
+    except ValueError:
+        return image_id, None, None, "bad_value"
+    if any(not math.isfinite(v) or v not in (0.0, 1.0) for v in values) or sum(values) != 1.0:
+        return image_id, None, None, "not_one_hot"
+    column = columns[values.index(1.0)]
+    if column == ISIC2019_UNKNOWN:
+        return image_id, None, None, "unk"
+    return image_id, column.lower(), None, None
+
+
+def parse_metadata_csv(text: str, *, label_set: str | None = None) -> list[LabelRow]:
+    """Read labels from a HAM10000 metadata CSV or an ISIC 2019 ground-truth CSV.
+
+    Every data row comes back, usable or not, so that the caller can report what it skipped and why. Blank
+    lines are ignored. For a repeated image id the first row wins; a later one is a ``duplicate_row`` when it
+    agrees and a ``conflicting_label`` when it does not.
+
+    Parameters
+    ----------
+    text
+        The whole file (a UTF-8 byte-order mark is allowed).
+    label_set
+        When given, rows whose label is not in it are skipped as ``label_not_in_label_set``.
+
+    Returns
+    -------
+    list[LabelRow]
+        In file order; filter on ``row.ok``.
+
+    Raises
+    ------
+    MetadataFormatError
+        No header, or a header of neither format.
+    UnknownLabelSetError
+        ``label_set`` is not a known set.
+    """
+    allowed = set(classes_for(label_set)) if label_set is not None else set(ALL_CODES)
+    reader = csv.reader(io.StringIO(text.removeprefix("\ufeff"), newline=""))
+    header = next((row for row in reader if any(cell.strip() for cell in row)), None)
+    if header is None:
+        raise MetadataFormatError("empty CSV: no header row")
+    fmt = detect_format(header)
+    names = [c.strip() for c in header]
+    parse = _ham_row if fmt == HAM10000_FORMAT else _isic_row
+
+    rows: list[LabelRow] = []
+    seen: dict[str, str] = {}
+    for cells in reader:
+        line = reader.line_num
+        if not any(cell.strip() for cell in cells):
+            continue
+        if len(cells) != len(names):
+            rows.append(LabelRow(line, cells[0].strip() if cells else "", None, None, "malformed_row"))
+            continue
+        image_id, label, lesion_id, reason = parse(dict(zip(names, cells, strict=True)))
+        if reason is None and not is_valid_image_id(image_id):
+            reason = "invalid_image_id"
+        if reason is None and lesion_id is not None and not is_valid_image_id(lesion_id):
+            reason = "invalid_lesion_id"
+        if reason is None and label not in allowed:
+            reason = "label_not_in_label_set"
+        if reason is None and label is not None:
+            if image_id in seen:
+                reason = "duplicate_row" if seen[image_id] == label else "conflicting_label"
+            else:
+                seen[image_id] = label
+        if reason is not None:
+            rows.append(LabelRow(line, image_id, None, lesion_id, reason))
+        else:
+            rows.append(LabelRow(line, image_id, label, lesion_id))
+    return rows

@@ -1,0 +1,1 @@
+"""Image checks for uploaded dermoscopy images (deployed as the imaging layer, with Pillow and NumPy)."""
