@@ -39,6 +39,7 @@ _SKIPPED_TYPES = {
     "AWS::Serverless::LayerVersion",
     "AWS::SNS::TopicPolicy",
     "AWS::Lambda::Permission",
+    "AWS::Budgets::Budget",
 }
 
 

@@ -24,7 +24,7 @@ from typing import Any, Final, Literal
 from urllib.parse import unquote_plus
 
 import boto3
-from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from boto3.dynamodb.types import TypeSerializer
@@ -45,7 +45,6 @@ from lesion_imaging.validation import (
 )
 
 logger = Logger()
-tracer = Tracer()
 metrics = Metrics()
 
 DATA_BUCKET = os.environ["DATA_BUCKET"]
@@ -636,7 +635,6 @@ _METRIC_FOR: Final = {
 
 
 @logger.inject_lambda_context(log_event=True)
-@tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> Outcome:
     """Validate the object named by an EventBridge S3 "Object Created" event.

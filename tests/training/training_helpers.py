@@ -27,7 +27,7 @@ FAST_HPS = {
     "freeze_epochs": "1",
     "warmup_epochs": "0.5",
     "seed": "7",
-    "threads": "2",
+    "threads": "1",  # one thread: robust when the machine is shared (see README)
 }
 
 
