@@ -382,12 +382,17 @@ class LocalCloud:
 
     def _create_alarm(self, logical_id: str, res: dict[str, Any]) -> None:
         props = self.resolver.resolve(res["Properties"])
-        boto3.client("cloudwatch", region_name=REGION).put_metric_alarm(
-            AlarmName=self.resolver.refs[logical_id],
-            MetricName=props["MetricName"], Namespace=props["Namespace"], Statistic=props["Statistic"],
-            Period=int(props["Period"]), EvaluationPeriods=int(props["EvaluationPeriods"]),
-            Threshold=float(props["Threshold"]), ComparisonOperator=props["ComparisonOperator"],
-        )
+        kwargs: dict[str, Any] = {
+            "AlarmName": self.resolver.refs[logical_id], "MetricName": props["MetricName"],
+            "Namespace": props["Namespace"], "Period": int(props["Period"]),
+            "EvaluationPeriods": int(props["EvaluationPeriods"]), "Threshold": float(props["Threshold"]),
+            "ComparisonOperator": props["ComparisonOperator"], "Dimensions": props.get("Dimensions", []),
+        }
+        if "ExtendedStatistic" in props:
+            kwargs["ExtendedStatistic"] = props["ExtendedStatistic"]
+        else:
+            kwargs["Statistic"] = props["Statistic"]
+        boto3.client("cloudwatch", region_name=REGION).put_metric_alarm(**kwargs)
 
     def _create_log_group(self, logical_id: str, res: dict[str, Any]) -> None:
         boto3.client("logs", region_name=REGION).create_log_group(logGroupName=self.resolver.refs[logical_id])

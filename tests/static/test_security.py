@@ -38,6 +38,16 @@ WILDCARD_RESOURCE_ACTIONS: dict[str, str] = {
     "ec2:DescribeDhcpOptions": _EC2_DESCRIBE,
     "ec2:DescribeSubnets": _EC2_DESCRIBE,
     "ec2:DescribeSecurityGroups": _EC2_DESCRIBE,
+    "application-autoscaling:RegisterScalableTarget": (
+        "a scalable target's ARN ends in an id Application Auto Scaling assigns at registration, so no policy written "
+        "before the first deployment can name it"
+    ),
+    "application-autoscaling:PutScalingPolicy": (
+        "as for RegisterScalableTarget: the target's id is assigned at registration"
+    ),
+    "application-autoscaling:DeregisterScalableTarget": (
+        "as for RegisterScalableTarget: the target's id is assigned at registration"
+    ),
     "sagemaker:ListModelPackages": (
         "a list call (filtered by the stack's package group in code) has no package ARN to scope by before it runs; "
         "it returns summaries only"

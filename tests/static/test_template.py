@@ -129,6 +129,8 @@ SAMPLES = {
                                                           ("detail", "TrainingJobName"), "someone-elses-job"),
     "RetrainingStateMachineDriftAlarm": ("retraining/drift_alarm.json", ("detail", "state", "value"), "OK"),
     "RetrainingStateMachineManual": ("retraining/manual_request.json", ("detail-type",), "RetrainingApproved"),
+    "DeploymentStateMachineModelApproved": ("deployment/model_package_approved.json",
+                                            ("detail", "ModelApprovalStatus"), "PendingManualApproval"),
 }
 
 
@@ -166,26 +168,38 @@ def test_sam_validate_lint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_handler_modules_import_without_aws(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Import each handler with a plausible environment: module-level code must not call AWS."""
-    for logical_id, fn in FUNCTIONS.items():
-        env = fn["Properties"].get("Environment", {}).get("Variables", {})
-        for key in env:
-            monkeypatch.setenv(key, "1" if "MIN" in key or "MAX" in key or "COUNT" in key or "GB" in key
-                               or "SECONDS" in key else ("[]" if key == "METRIC_DEFINITIONS" else
-                                                         ("{}" if key == "HYPERPARAMETERS" else "x")))
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-        monkeypatch.setenv("LABEL_SET", "ham7")
-        path = REPO / fn["Properties"]["CodeUri"] / "app.py"
-        spec = importlib.util.spec_from_file_location(f"_static_{logical_id}", path)
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses and pydantic look their module up
-        try:
-            spec.loader.exec_module(module)
-        finally:
-            del sys.modules[spec.name]
-        assert callable(module.lambda_handler)
+def _resolved_environment(logical_id: str) -> dict[str, str]:
+    """A function's environment as a deployment with default parameters would set it."""
+    from collections import defaultdict
+
+    resolver = Resolver(TEMPLATE, {"TrainingImageUri": "train:1", "InferenceImageUri": "infer:1"},
+                        {"AWS::Region": "eu-west-1", "AWS::AccountId": "123456789012", "AWS::StackName": "skin-lesion",
+                         "AWS::Partition": "aws"})
+    for name in RESOURCES:
+        resolver.refs[name] = name.lower()
+        resolver.attrs[name] = defaultdict(lambda n=name: f"arn:aws:x:eu-west-1:123456789012:{n.lower()}")
+    env = dict(TEMPLATE["Globals"]["Function"]["Environment"]["Variables"])
+    env.update(FUNCTIONS[logical_id]["Properties"].get("Environment", {}).get("Variables", {}))
+    return {k: str(v) for k, v in resolver.resolve(env).items()}
+
+
+@pytest.mark.parametrize("logical_id", sorted(FUNCTIONS))
+def test_handler_modules_import_with_the_template_environment(logical_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Import each handler with the environment the template gives it: configuration parses at cold start, and
+    module-level code makes no AWS call."""
+    for key, value in _resolved_environment(logical_id).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    path = REPO / FUNCTIONS[logical_id]["Properties"]["CodeUri"] / "app.py"
+    spec = importlib.util.spec_from_file_location(f"_static_{logical_id}", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pydantic look their module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    assert callable(module.lambda_handler)
 
 
 @pytest.mark.tools
