@@ -66,7 +66,7 @@ class _Follower:
                 self.log_offsets[path] = fh.tell()
 
 
-def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str, str]) -> int:
+def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str, str], serve: bool = False) -> int:
     """Run the whole pipeline once; return 0 when the execution succeeded."""
     t0 = time.monotonic()
     metadata = metadata or next(iter(sorted(data.glob("*.csv"))), None)
@@ -75,7 +75,7 @@ def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str,
     with LocalCloud(work_dir=work_dir, parameters=parameters) as cloud:
         bucket = cloud.output("DataBucketName")
         s3 = boto3.client("s3", region_name=REGION)
-        say(f"1/3 Uploading {images} to s3://{bucket}/incoming/ (each upload triggers validation)...")
+        say(f"1/4 Uploading {images} to s3://{bucket}/incoming/ (each upload triggers validation)...")
         report = upload_dataset(s3, bucket, images, metadata, dataset="sample", progress=sys.stderr.isatty())
         cloud.bus.drain()
         table = boto3.resource("dynamodb", region_name=REGION).Table(cloud.output("ManifestTableName"))
@@ -84,7 +84,7 @@ def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str,
             statuses[str(item.get("status"))] = statuses.get(str(item.get("status")), 0) + 1
         say(f"    uploaded {report.uploaded} objects; manifest: {json.dumps(statuses)}")
 
-        say("2/3 Requesting a retraining (EventBridge RetrainingRequested -> RetrainingStateMachine)...")
+        say("2/4 Requesting a retraining (EventBridge RetrainingRequested -> RetrainingStateMachine)...")
         source = f"{cloud.resolver.parameters['ProjectName']}.pipeline"
         boto3.client("events", region_name=REGION).put_events(Entries=[{
             "Source": source, "DetailType": "RetrainingRequested",
@@ -102,13 +102,23 @@ def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str,
         say(f"    execution {arn.rsplit(':', 1)[-1]}")
         desc = cloud.wait_for_execution(arn, timeout=3600, on_event=follower, on_poll=follower.training_lines)
         follower.training_lines()
-
-        say("3/3 Summary")
-        say(f"    execution status : {desc['status']}")
         output = json.loads(desc.get("output") or "{}")
+        registration = output.get("registration", {}).get("result", {})
+
+        deployment: dict[str, Any] = {}
+        if registration.get("approvalStatus") == "Approved":
+            say("3/4 Deploying the approved model (Model Package State Change -> DeploymentStateMachine)...")
+            cloud.bus.drain()
+            deployments = sfn.list_executions(stateMachineArn=cloud.output("DeploymentStateMachineArn"))["executions"]
+            if deployments:
+                deployment = cloud.wait_for_execution(deployments[0]["executionArn"], timeout=1200,
+                                                      on_event=_Follower(cloud, time.monotonic()))
+        invocation = _try_endpoint(cloud, data) if deployment.get("status") == "SUCCEEDED" else None
+
+        say("4/4 Summary")
+        say(f"    retraining       : {desc['status']}")
         if desc["status"] != "SUCCEEDED":
             say(f"    error            : {desc.get('error')}: {str(desc.get('cause'))[:500]}")
-        registration = output.get("registration", {}).get("result", {})
         evaluation = output.get("evaluation", {}).get("result", {})
         if registration:
             say(f"    model package    : {registration['modelPackageArn']} "
@@ -120,15 +130,49 @@ def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str,
             say(f"    model artifacts  : {evaluation['modelDataUrl']}")
         for runner in cloud.runners:
             say(f"    job directory    : {runner.root} (model/, output/, training.log)")
+        if deployment:
+            say(f"    deployment       : {deployment['status']}"
+                + (f" ({deployment.get('error')}: {str(deployment.get('cause'))[:300]})"
+                   if deployment["status"] != "SUCCEEDED" else ""))
+        if invocation:
+            say(f"    endpoint         : {cloud.output('EndpointName')} at {invocation['url']}")
+            say(f"    sample answer    : {invocation['summary']}")
         for note in cloud.read_notifications():
             say(f"    notification     : {note['subject']}: {note['message'][:300]}")
         say(f"    handler logs     : {cloud.runtime.log_path}")
         (work_dir / "last-run.json").write_text(json.dumps({
             "status": desc["status"], "execution": arn, "output": output,
-            "notifications": cloud.notifications, "seconds": round(time.monotonic() - t0, 1),
+            "deployment": {k: deployment.get(k) for k in ("status", "error", "cause", "output")},
+            "invocation": invocation, "notifications": cloud.notifications,
+            "seconds": round(time.monotonic() - t0, 1),
         }, indent=2, default=str))
+        ok = desc["status"] == "SUCCEEDED" and (not deployment or deployment["status"] == "SUCCEEDED")
         say(f"Done in {time.monotonic() - t0:.0f}s.")
-        return 0 if desc["status"] == "SUCCEEDED" else 1
+        if ok and invocation and serve:
+            say(f"Serving {cloud.output('EndpointName')} at {invocation['url']} (POST /invocations); Ctrl-C stops.")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+        return 0 if ok else 1
+
+
+def _try_endpoint(cloud: LocalCloud, data: Path) -> dict[str, Any] | None:
+    """Send one bundled image through sagemaker-runtime, as a client of the real endpoint would."""
+    images = sorted((data / "images" if (data / "images").is_dir() else data).glob("*.jpg"))
+    if not images:
+        return None
+    name = cloud.output("EndpointName")
+    answer = boto3.client("sagemaker-runtime", region_name=REGION).invoke_endpoint(
+        EndpointName=name, ContentType="image/jpeg", Accept="application/json", Body=images[0].read_bytes())
+    body = json.loads(answer["Body"].read())
+    prediction = body["predictions"][0] if isinstance(body, dict) and body.get("predictions") else body
+    top = prediction.get("predicted_class")
+    prob = prediction.get("probabilities", {}).get(top)
+    summary = f"{images[0].name} -> {top}" + (f" ({prob:.2f})" if isinstance(prob, float) else "")
+    return {"url": cloud.endpoints.get(name).url, "image": images[0].name, "summary": summary,
+            "answer": prediction}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,11 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with images/ and a metadata CSV")
     run_p.add_argument("--metadata", type=Path, help="metadata CSV (default: the first *.csv in --data)")
     run_p.add_argument("--work-dir", type=Path, default=REPO_ROOT / ".local")
+    run_p.add_argument("--serve", action="store_true", help="keep the local endpoint serving until Ctrl-C")
     run_p.add_argument("--parameter", action="append", default=[], metavar="KEY=VALUE",
                        help="template parameter override (repeatable)")
     args = parser.parse_args(argv)
     parameters = dict(p.split("=", 1) for p in args.parameter)
-    return run(args.data, args.metadata, args.work_dir, parameters)
+    return run(args.data, args.metadata, args.work_dir, parameters, serve=args.serve)
 
 
 if __name__ == "__main__":

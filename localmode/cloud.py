@@ -122,6 +122,8 @@ class LocalCloud:
         """Wait for running jobs, stop the bus and the emulation, and restore the environment."""
         for runner in self.runners:
             runner.thread.join(timeout=600)
+        for thread in self.hosting.threads:
+            thread.join(timeout=300)
         self.bus.close()
         for undo in reversed(self._undo):
             undo()
@@ -214,6 +216,21 @@ class LocalCloud:
 
         self._undo.append(sagemaker.install(self.work_dir / "sagemaker", REPO_ROOT, emit_training_event,
                                             self.runners))
+
+        from localmode.endpoints import LocalEndpoints
+        from localmode.hosting import LocalHosting
+
+        self.capture_dir = self.work_dir / "capture"
+        self.endpoints = LocalEndpoints(self.work_dir, workers=1, env={"CAPTURE_DIR": str(self.capture_dir)})
+        self._undo.append(self.endpoints.install())
+        self._undo.append(self.endpoints.stop_all)
+
+        def emit_sagemaker_event(detail_type: str, detail: dict[str, Any], resources: list[str]) -> None:
+            bus.put(eventbridge.envelope("aws.sagemaker", detail_type, detail, account=ACCOUNT, region=REGION,
+                                         resources=resources))
+
+        self.hosting = LocalHosting(self.endpoints, self.work_dir / "hosting", emit_sagemaker_event)
+        self._undo.append(self.hosting.install())
 
     def _deliver(self, rule: eventbridge.Rule, payload: str) -> None:
         if rule.target_kind == "lambda":

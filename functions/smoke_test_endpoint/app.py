@@ -50,8 +50,9 @@ def check_answer(answer: Any) -> list[str]:
             problems.append(f"probabilities do not form a distribution (sum {sum(values):.4f})")
         if prediction.get("predicted_class") not in probs:
             problems.append(f"predicted_class {prediction.get('predicted_class')!r} is not one of the classes")
-    if "melanoma_risk" not in prediction:
-        problems.append("no melanoma_risk")
+    melanoma = prediction.get("melanoma")
+    if not isinstance(melanoma, dict) or not {"probability", "threshold", "at_risk"} <= set(melanoma):
+        problems.append("no melanoma risk block (probability, threshold, at_risk)")
     return problems
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,3 +214,77 @@ def test_invalid_upload_is_quarantined_not_lost(tmp_path: Path, quiet: None) -> 
         assert len(reasons) == 1
         reason = json.loads(s3.get_object(Bucket=bucket, Key=reasons[0])["Body"].read())
         assert reason["source_key"] == "incoming/phone/mel/not_an_image.jpg"
+
+
+def _deployments(cloud: LocalCloud, count: int) -> list[dict[str, Any]]:
+    """Wait for ``count`` deployment executions to end; oldest first."""
+    sfn = boto3.client("stepfunctions", region_name=REGION)
+    machine = cloud.output("DeploymentStateMachineArn")
+    deadline = time.monotonic() + 120
+    while True:
+        cloud.bus.drain()
+        executions = sfn.list_executions(stateMachineArn=machine)["executions"]
+        if len(executions) >= count:
+            break
+        assert time.monotonic() < deadline, f"{len(executions)} deployments started, {count} expected"
+        time.sleep(0.5)
+    ordered = sorted(executions, key=lambda e: e["startDate"])
+    return [cloud.wait_for_execution(e["executionArn"], timeout=600) for e in ordered]
+
+
+def _invoke(cloud: LocalCloud) -> dict[str, Any]:
+    answer = boto3.client("sagemaker-runtime", region_name=REGION).invoke_endpoint(
+        EndpointName=cloud.output("EndpointName"), ContentType="image/jpeg", Accept="application/json",
+        Body=(REPO / "functions" / "smoke_test_endpoint" / "known_lesion.jpg").read_bytes())
+    return json.loads(answer["Body"].read())
+
+
+def test_approved_model_is_deployed_updated_blue_green_and_rolled_back(tmp_path: Path, small_dataset: Path,
+                                                                       quiet: None) -> None:
+    with _cloud(tmp_path, AutoApprove="true", DeploymentPollSeconds="1") as cloud:
+        _upload(cloud, small_dataset)
+        retraining = _request_retraining(cloud)
+        assert retraining["status"] == "SUCCEEDED", (retraining.get("error"), retraining.get("cause"))
+        (first,) = _deployments(cloud, 1)
+        assert first["status"] == "SUCCEEDED", first.get("cause")
+        sm = boto3.client("sagemaker", region_name=REGION)
+        endpoint = sm.describe_endpoint(EndpointName=cloud.output("EndpointName"))
+        assert endpoint["EndpointStatus"] == "InService" and endpoint["EndpointConfigName"].endswith("-v1")
+        answer = _invoke(cloud)
+        assert answer["model_version"] == "1" and answer["predictions"][0]["predicted_class"]
+        aas = boto3.client("application-autoscaling", region_name=REGION)
+        (target,) = aas.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+        assert (target["MinCapacity"], target["MaxCapacity"]) == (1, 5)
+
+        # A second approved version: blue/green update, the endpoint moves to v2.
+        group = cloud.output("ModelPackageGroupName")
+        v1_arn = f"arn:aws:sagemaker:{REGION}:123456789012:model-package/{group}/1"
+        spec = sm.describe_model_package(ModelPackageName=v1_arn)["InferenceSpecification"]
+        sm.create_model_package(ModelPackageGroupName=group, InferenceSpecification=spec,
+                                ModelApprovalStatus="Approved")
+        second = _deployments(cloud, 2)[1]
+        assert second["status"] == "SUCCEEDED", second.get("cause")
+        assert sm.describe_endpoint(EndpointName=cloud.output("EndpointName"))["EndpointConfigName"].endswith("-v2")
+        assert _invoke(cloud)["model_version"] == "2"
+
+        # A third version whose model cannot serve: rolled back, v2 keeps serving, and it says so.
+        s3 = boto3.client("s3", region_name=REGION)
+        bucket = cloud.output("ArtifactsBucketName")
+        broken = io.BytesIO()
+        with tarfile.open(fileobj=broken, mode="w:gz") as tar:
+            info = tarfile.TarInfo("classes.json")
+            payload = b'{"label_set": "ham7"}'
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        s3.put_object(Bucket=bucket, Key="broken/model.tar.gz", Body=broken.getvalue())
+        bad_spec = {**spec, "Containers": [{**spec["Containers"][0], "ModelDataUrl": f"s3://{bucket}/broken/model.tar.gz"}]}
+        sm.create_model_package(ModelPackageGroupName=group, InferenceSpecification=bad_spec,
+                                ModelApprovalStatus="Approved")
+        third = _deployments(cloud, 3)[2]
+        assert third["status"] == "FAILED" and third["error"] == "EndpointRolledBackError"
+        assert "-v2" in third["cause"]
+        assert sm.describe_endpoint(EndpointName=cloud.output("EndpointName"))["EndpointConfigName"].endswith("-v2")
+        assert _invoke(cloud)["model_version"] == "2"
+        subjects = [n["subject"] for n in cloud.read_notifications()]
+        assert subjects.count("Skin-lesion model deployed") == 2
+        assert "Skin-lesion deployment rolled back" in subjects
