@@ -40,6 +40,7 @@ _SKIPPED_TYPES = {
     "AWS::SNS::TopicPolicy",
     "AWS::Lambda::Permission",
     "AWS::Budgets::Budget",
+    "AWS::CloudWatch::Dashboard",
 }
 
 

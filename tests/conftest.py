@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-for extra in (REPO, REPO / "layers" / "common", REPO / "layers" / "imaging"):
+for extra in (REPO, REPO / "layers" / "common", REPO / "layers" / "imaging", REPO / "layers" / "monitoring"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 

@@ -119,6 +119,10 @@ def _resolve_pattern(pattern: dict) -> dict:
                          "AWS::Partition": "aws"})
     resolver.refs["DataBucket"] = "skin-lesion-data-123456789012"
     resolver.attrs["DriftAlarm"] = {"Arn": "arn:aws:cloudwatch:eu-west-1:123456789012:alarm:skin-lesion-image-drift"}
+    resolver.attrs["ModelBalancedAccuracyAlarm"] = {
+        "Arn": "arn:aws:cloudwatch:eu-west-1:123456789012:alarm:skin-lesion-model-balanced-accuracy"}
+    resolver.attrs["ModelMelanomaSensitivityAlarm"] = {
+        "Arn": "arn:aws:cloudwatch:eu-west-1:123456789012:alarm:skin-lesion-model-melanoma-sensitivity"}
     return resolver.resolve(pattern)
 
 
@@ -129,6 +133,9 @@ SAMPLES = {
                                                           ("detail", "TrainingJobName"), "someone-elses-job"),
     "RetrainingStateMachineDriftAlarm": ("retraining/drift_alarm.json", ("detail", "state", "value"), "OK"),
     "RetrainingStateMachineManual": ("retraining/manual_request.json", ("detail-type",), "RetrainingApproved"),
+    "EvaluateQualityFunctionGroundTruth": ("monitoring/ground_truth_uploaded.json", ("detail", "object", "key"),
+                                           "incoming/batch.csv"),
+    "RetrainingStateMachineQualityAlarm": ("monitoring/quality_alarm.json", ("detail", "state", "value"), "OK"),
     "DeploymentStateMachineModelApproved": ("deployment/model_package_approved.json",
                                             ("detail", "ModelApprovalStatus"), "PendingManualApproval"),
 }
