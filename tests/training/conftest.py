@@ -25,3 +25,11 @@ def job_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]
         return make_job(tmp_path_factory.mktemp(name), hps, per_class)
 
     return factory
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """In-process tests use one thread: on a busy machine, OpenMP threads waiting for each other cost 100x."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -197,7 +197,8 @@ def test_missing_channel_fails_cleanly(job_factory: Callable[..., Path]) -> None
 
 
 def test_killed_job_resumes_from_the_latest_checkpoint(job_factory: Callable[..., Path]) -> None:
-    base = job_factory("resume", {**FAST_HPS, "epochs": "3"}, per_class=(3, 2, 2))
+    # Class-balanced sampling here, so that path runs too (the other jobs use the class-weighted loss).
+    base = job_factory("resume", {**FAST_HPS, "epochs": "3", "imbalance": "sampler"}, per_class=(3, 2, 2))
     first = run_train(base, env={"LESIONML_STOP_AFTER_EPOCH": "1"})
     assert first.returncode == -signal.SIGKILL, _fail(first)
     ckpt = torch.load(base / "checkpoints" / "checkpoint-last.pt", map_location="cpu", weights_only=False)
@@ -213,3 +214,15 @@ def test_killed_job_resumes_from_the_latest_checkpoint(job_factory: Callable[...
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
     # Epoch 1's record came from the checkpoint, not from a rerun.
     assert metrics["history"][0]["train_loss"] == pytest.approx(ckpt["state"]["history"][0]["train_loss"])
+
+
+def test_two_processes_under_torchrun_rank0_writes(job_factory: Callable[..., Path]) -> None:
+    # SM_NUM_GPUS=2 without CUDA: torchrun starts two CPU (gloo) ranks; only rank 0 logs metrics and writes.
+    base = job_factory("ddp", {**FAST_HPS, "epochs": "2"}, per_class=(4, 2, 2))
+    proc = run_train(base, env={"SM_NUM_GPUS": "2", "SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-1"})
+    assert proc.returncode == 0, _fail(proc)
+    assert "torch.distributed.run --nproc_per_node=2 --standalone" in proc.stdout
+    assert "rank 0 of 2" in proc.stdout
+    assert [int(e) for e in re.findall(r"\bepoch=(\d+);", proc.stdout)] == [1, 2]  # once, not once per rank
+    metrics = json.loads((base / "model" / "metrics.json").read_text())
+    assert metrics["n_train"] == 28 and metrics["epochs_run"] == 2

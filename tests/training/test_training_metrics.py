@@ -1,0 +1,87 @@
+"""lesionml.metrics against values worked out by hand."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lesionml import metrics as M
+
+
+def test_confusion_matrix_precision_recall_f1_balanced_accuracy() -> None:
+    y_true = np.array([0, 0, 1, 1, 2, 2])
+    y_pred = np.array([0, 1, 1, 1, 2, 0])
+    cm = M.confusion_matrix(y_true, y_pred, 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    precision, recall, f1, support = M.per_class_prf(cm)
+    np.testing.assert_allclose(recall, [0.5, 1.0, 0.5])
+    np.testing.assert_allclose(precision, [0.5, 2 / 3, 1.0])
+    np.testing.assert_allclose(f1, [0.5, 0.8, 2 / 3])
+    assert support.tolist() == [2, 2, 2]
+    assert M.balanced_accuracy(cm) == pytest.approx(2 / 3)
+
+
+def test_absent_class_is_undefined_and_skipped() -> None:
+    cm = M.confusion_matrix(np.array([0, 0, 1]), np.array([0, 2, 1]), 3)
+    precision, recall, _, _ = M.per_class_prf(cm)
+    assert np.isnan(recall[2]) and precision[2] == 0.0  # predicted once, never right
+    assert M.balanced_accuracy(cm) == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_roc_auc_counts_ties_as_half() -> None:
+    assert M.roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
+    assert M.roc_auc(np.array([0, 0, 1]), np.array([0.2, 0.5, 0.5])) == pytest.approx(0.75)
+    assert M.roc_auc(np.array([0, 1]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+    assert np.isnan(M.roc_auc(np.array([1, 1]), np.array([0.1, 0.2])))
+
+
+def test_roc_curve_points_and_thresholds() -> None:
+    fpr, tpr, thr = M.roc_curve(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
+    np.testing.assert_allclose(fpr, [0, 0, 0.5, 0.5, 1])
+    np.testing.assert_allclose(tpr, [0, 0.5, 0.5, 1, 1])
+    np.testing.assert_allclose(thr, [np.inf, 0.8, 0.4, 0.35, 0.1])
+
+
+def test_melanoma_operating_points() -> None:
+    y = np.array([0, 0, 1, 1])
+    s = np.array([0.1, 0.4, 0.35, 0.8])
+    assert M.sensitivity_at_specificity(y, s, 0.9) == pytest.approx(0.5)
+    # Youden's J is 0.5 at thresholds 0.8 and 0.4; the higher threshold wins.
+    assert M.choose_threshold(y, s) == pytest.approx(0.8)
+    assert M.choose_threshold(y, s, target_sensitivity=1.0) == pytest.approx(0.35)
+    assert M.sensitivity_specificity(y, s, 0.35) == (1.0, 0.5)
+    assert M.choose_threshold(np.array([0, 0]), np.array([0.2, 0.3])) == 0.5
+
+
+def test_macro_auc_skips_classes_without_positives() -> None:
+    y = np.array([0, 0, 1, 1])
+    probs = np.array([[0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.7, 0.3, 0.0], [0.2, 0.8, 0.0]])
+    macro, per_class = M.macro_auc_ovr(y, probs)
+    # Class 0: positives 0.9, 0.6 vs negatives 0.7, 0.2 -> 3 of 4 pairs; class 1 mirrors it; class 2 absent.
+    np.testing.assert_allclose(per_class[:2], [0.75, 0.75])
+    assert np.isnan(per_class[2]) and macro == pytest.approx(0.75)
+
+
+def test_expected_calibration_error_by_hand() -> None:
+    probs = np.array([[0.9, 0.1], [0.6, 0.4]])
+    y = np.array([0, 1])
+    # Bin of 0.9: accuracy 1, confidence 0.9; bin of 0.6: accuracy 0, confidence 0.6.
+    assert M.expected_calibration_error(y, probs) == pytest.approx((0.1 + 0.6) / 2)
+    perfect = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert M.expected_calibration_error(y, perfect) == pytest.approx(0.0)
+
+
+def test_evaluate_split_is_json_ready() -> None:
+    classes = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    rng = np.random.default_rng(0)
+    y = np.array([4, 4, 5, 5, 5, 1])
+    probs = rng.dirichlet(np.ones(7), size=len(y))
+    block = M.evaluate_split(y, probs, classes, melanoma_threshold=0.2, mel_index=4)
+    text = json.dumps(block, allow_nan=False)  # NaN would break the evaluate Lambda's JSON parser
+    assert block["per_class"]["akiec"]["recall"] is None and block["per_class"]["akiec"]["support"] == 0
+    assert np.array(block["confusion_matrix"]).sum() == len(y)
+    sens, spec = M.sensitivity_specificity(y == 4, probs[:, 4], 0.2)
+    assert block["melanoma_sensitivity"] == sens and block["melanoma_specificity"] == spec
+    assert "NaN" not in text

@@ -1,0 +1,1 @@
+"""SageMaker training image: entry point train.py and its modules."""

@@ -1,0 +1,268 @@
+"""Manifests, image loading, dermoscopy augmentation and datasets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+from torch.utils.data import Dataset
+
+from lesionml.labels import class_index, classes_for, parse_classes_document
+from lesionml.preprocessing import PreprocessingSpec, crop_box_for_aspect, load_image, normalise, resize_for_model
+from lesionml.reference_stats import image_statistics
+from training_image.config import ConfigError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+
+SPLITS = ("train", "validation", "test")
+MANIFEST_COLUMNS = ("image_id", "path", "label", "lesion_id")
+# Up to this fraction of a split may be missing on disk (logged and dropped); more means a broken channel.
+MAX_MISSING_FRACTION = 0.01
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One manifest row, resolved."""
+
+    image_id: str
+    path: Path
+    label: int
+    lesion_id: str
+
+
+def read_classes(manifests: Path, label_set_hp: str) -> tuple[str, tuple[str, ...]]:
+    """Label set and classes from ``classes.json``, checked against the ``label_set`` hyperparameter."""
+    path = manifests / "classes.json"
+    if path.is_file():
+        try:
+            label_set, classes = parse_classes_document(json.loads(path.read_text()))
+        except ValueError as e:
+            raise ConfigError(f"manifests/classes.json: {e}") from None
+        if label_set_hp and label_set_hp != label_set:
+            raise ConfigError(f"hyperparameter label_set={label_set_hp} but manifests/classes.json says {label_set}")
+        return label_set, classes
+    if not label_set_hp:
+        raise ConfigError("manifests channel has no classes.json and no label_set hyperparameter was given")
+    return label_set_hp, classes_for(label_set_hp)
+
+
+def read_manifest(path: Path, images_root: Path, label_set: str) -> list[Sample]:
+    """Rows of one split's CSV whose image exists; unknown labels and too many missing files are errors."""
+    if not path.is_file():
+        raise ConfigError(f"manifest {path.name} is missing from the manifests channel")
+    index = class_index(label_set)
+    samples: list[Sample] = []
+    missing: list[str] = []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not set(MANIFEST_COLUMNS) <= set(reader.fieldnames):
+            raise ConfigError(f"{path.name} must have the header {','.join(MANIFEST_COLUMNS)}, got {reader.fieldnames}")
+        for line, row in enumerate(reader, start=2):
+            label = (row["label"] or "").strip().lower()
+            if label not in index:
+                raise ConfigError(f"{path.name} line {line}: label {row['label']!r} is not in {label_set}")
+            rel = (row["path"] or "").strip()
+            if not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+                raise ConfigError(f"{path.name} line {line}: path {rel!r} must be relative to the images channel")
+            image_path = images_root / rel
+            if not image_path.is_file():
+                missing.append(rel)
+                continue
+            samples.append(Sample(row["image_id"], image_path, index[label], row["lesion_id"] or row["image_id"]))
+    total = len(samples) + len(missing)
+    if missing:
+        msg = f"{len(missing)} of {total} images of {path.name} are missing from the images channel (e.g. {missing[0]})"
+        if len(missing) > MAX_MISSING_FRACTION * total:
+            raise ConfigError(msg)
+        log.warning("%s; skipping them", msg)
+    if not samples:
+        raise ConfigError(f"{path.name} lists no usable images")
+    return samples
+
+
+def stratified_cap(samples: Sequence[Sample], cap: int, seed: int) -> list[Sample]:
+    """At most ``cap`` samples keeping class proportions (deterministic for a seed)."""
+    if cap <= 0 or cap >= len(samples):
+        return list(samples)
+    rng = np.random.default_rng(seed)
+    labels = np.array([s.label for s in samples])
+    keep: list[int] = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n = max(1, round(cap * len(idx) / len(samples)))
+        keep.extend(rng.choice(idx, size=min(n, len(idx)), replace=False).tolist())
+    return [samples[i] for i in sorted(keep)]
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def _map_threads(fn: Callable[[T], R], items: Sequence[T], threads: int) -> list[R]:
+    """Decode in threads: Pillow releases the GIL while decoding."""
+    if threads <= 1 or len(items) < 16:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, items, chunksize=16))
+
+
+class TrainImages:
+    """Decoded training images, cached in memory when they fit.
+
+    Cached copies are shrunk to at most twice the model input per side: random crops never need more detail,
+    and it bounds memory for large uploads.
+    """
+
+    def __init__(self, samples: Sequence[Sample], height: int, width: int, cache: str, threads: int) -> None:
+        self.samples = list(samples)
+        self.max_side = (2 * width, 2 * height)
+        self.cache: list[np.ndarray] | None = None
+        if cache == "true" or (cache == "auto" and self._fits()):
+            self.cache = _map_threads(self._decode, self.samples, threads)
+
+    def _fits(self) -> bool:
+        per_image = self.max_side[0] * self.max_side[1] * 3
+        return len(self.samples) * per_image < min(8 << 30, _mem_available() // 4)
+
+    def _decode(self, s: Sample) -> np.ndarray:
+        img = load_image(s.path)
+        if img.width > self.max_side[0] or img.height > self.max_side[1]:
+            img.thumbnail(self.max_side, Image.Resampling.BILINEAR)
+        return np.asarray(img)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def get(self, i: int) -> Image.Image:
+        pixels = self.cache[i] if self.cache is not None else self._decode(self.samples[i])
+        return Image.fromarray(pixels)
+
+
+def _shift_hue(img: Image.Image, shift: float) -> Image.Image:
+    hsv = np.asarray(img.convert("HSV")).copy()
+    hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(round(shift * 255))) % 256
+    return Image.fromarray(hsv, "HSV").convert("RGB")
+
+
+def augment(img: Image.Image, rng: np.random.Generator, height: int, width: int, min_scale: float) -> Image.Image:
+    """Dermoscopy augmentation: dihedral symmetry, random resized crop, colour jitter.
+
+    Lesions have no canonical orientation, so all eight flips/rotations are label-preserving; colour jitter
+    covers differences between dermatoscopes and lighting.
+    """
+    k = int(rng.integers(4))
+    if k:
+        img = img.transpose((Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)[k - 1])
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    # Random resized crop around the target aspect ratio.
+    w0, h0 = img.size
+    target = width / height
+    box = None
+    for _ in range(10):
+        area = w0 * h0 * rng.uniform(min_scale, 1.0)
+        aspect = target * float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
+        cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+        if 0 < cw <= w0 and 0 < ch <= h0:
+            left, top = int(rng.integers(0, w0 - cw + 1)), int(rng.integers(0, h0 - ch + 1))
+            box = (left, top, left + cw, top + ch)
+            break
+    if box is None:
+        box = crop_box_for_aspect(w0, h0, width, height)
+    img = img.resize((width, height), Image.Resampling.BILINEAR, box=box)
+    img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.8, 1.2))
+    img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.8, 1.2))
+    img = ImageEnhance.Color(img).enhance(rng.uniform(0.8, 1.2))
+    if rng.random() < 0.5:
+        img = _shift_hue(img, rng.uniform(-0.03, 0.03))
+    return img
+
+
+class TrainDataset(Dataset[tuple[torch.Tensor, int]]):
+    """Augmented training samples; randomness depends only on (seed, epoch, index), not on workers."""
+
+    def __init__(self, images: TrainImages, spec: PreprocessingSpec, seed: int, min_scale: float) -> None:
+        self.images = images
+        self.spec = spec
+        self.seed = seed
+        self.min_scale = min_scale
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        img = augment(self.images.get(i), rng, self.spec.height, self.spec.width, self.min_scale)
+        return torch.from_numpy(normalise(np.asarray(img), self.spec)), self.images.samples[i].label
+
+
+class EvalImages:
+    """Validation/test images after the serving resize (uint8), plus image statistics of the originals."""
+
+    def __init__(self, samples: Sequence[Sample], spec: PreprocessingSpec, threads: int) -> None:
+        self.samples = list(samples)
+        self.spec = spec
+        decoded = _map_threads(self._load, self.samples, threads)
+        self.pixels: list[np.ndarray] = [d[0] for d in decoded]
+        self.stats: list[dict[str, float]] = [d[1] for d in decoded]
+        self.labels = np.array([s.label for s in self.samples], dtype=np.int64)
+
+    def _load(self, s: Sample) -> tuple[np.ndarray, dict[str, float]]:
+        img = load_image(s.path, exif_transpose=self.spec.exif_transpose)
+        return np.asarray(resize_for_model(img, self.spec)), image_statistics(img)
+
+    def same_geometry(self, spec: PreprocessingSpec) -> bool:
+        """Whether ``spec`` resizes exactly like this cache (so only normalisation differs)."""
+        a, b = self.spec, spec
+        return (a.height, a.width, a.resize, a.interpolation, a.exif_transpose) == (
+            b.height, b.width, b.resize, b.interpolation, b.exif_transpose,
+        )
+
+
+class EvalDataset(Dataset[tuple[torch.Tensor, int]]):
+    """Normalised evaluation tensors, exactly what serving computes from the same file."""
+
+    def __init__(self, images: EvalImages, spec: PreprocessingSpec) -> None:
+        if not images.same_geometry(spec):
+            raise ValueError("EvalDataset needs images resized with the same geometry as spec")
+        self.images = images
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.images.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(normalise(self.images.pixels[i], self.spec)), int(self.images.labels[i])
+
+
+def class_counts(samples: Sequence[Sample], num_classes: int) -> np.ndarray:
+    """Number of samples per class."""
+    return np.bincount([s.label for s in samples], minlength=num_classes).astype(np.int64)
+
+
+def balanced_weights(counts: np.ndarray) -> np.ndarray:
+    """Per-class weights ``N / (K * n_c)`` over the K present classes (0 for absent ones): mean weight 1."""
+    present = counts > 0
+    w = np.zeros(len(counts), dtype=np.float64)
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    return w
