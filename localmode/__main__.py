@@ -18,6 +18,7 @@ from typing import Any
 import boto3
 
 from localmode.cloud import REGION, REPO_ROOT, LocalCloud
+from localmode.report import write_report
 from tools.upload_dataset import upload_dataset
 
 DEFAULT_DATA = REPO_ROOT / "data" / "sample"
@@ -114,6 +115,10 @@ def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str,
                 deployment = cloud.wait_for_execution(deployments[0]["executionArn"], timeout=1200,
                                                       on_event=_Follower(cloud, time.monotonic()))
         invocation = _try_endpoint(cloud, data) if deployment.get("status") == "SUCCEEDED" else None
+        drift = _monitor(cloud, data) if invocation else None
+        report = write_report(work_dir / "report", drift_result=drift, quality_result=None,
+                              executions=[d for d in (desc, deployment) if d],
+                              drift_threshold=float(cloud.resolver.parameters["DriftThreshold"]))
 
         say("4/4 Summary")
         say(f"    retraining       : {desc['status']}")
@@ -137,6 +142,12 @@ def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str,
         if invocation:
             say(f"    endpoint         : {cloud.output('EndpointName')} at {invocation['url']}")
             say(f"    sample answer    : {invocation['summary']}")
+        if drift and "drift_score" in drift:
+            say(f"    drift            : DriftScore {drift['drift_score']:.2f} over {drift['n_records']} captured "
+                f"predictions ({'drift' if drift['drifted'] else 'no drift'} at alpha {drift['alpha']})")
+        elif drift:
+            say(f"    drift            : {drift.get('reason') or drift.get('errorMessage') or drift}"[:300])
+        say(f"    monitoring report: {report}")
         for note in cloud.read_notifications():
             say(f"    notification     : {note['subject']}: {note['message'][:300]}")
         say(f"    handler logs     : {cloud.runtime.log_path}")
@@ -156,6 +167,28 @@ def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str,
             except KeyboardInterrupt:
                 pass
         return 0 if ok else 1
+
+
+def _monitor(cloud: LocalCloud, data: Path, limit: int = 120) -> dict[str, Any] | None:
+    """Send a window of images through the endpoint, then run the hourly drift check on what was captured.
+
+    The container writes its monitoring records locally; on AWS they reach S3 through Data Capture, here they are
+    uploaded under ``monitoring/records/``, where detect_drift also looks.
+    """
+    images = sorted((data / "images" if (data / "images").is_dir() else data).glob("*.jpg"))
+    step = max(1, len(images) // limit)
+    runtime = boto3.client("sagemaker-runtime", region_name=REGION)
+    for path in images[::step][:limit]:
+        runtime.invoke_endpoint(EndpointName=cloud.output("EndpointName"), ContentType="image/jpeg",
+                                Accept="application/json", Body=path.read_bytes())
+    s3 = boto3.client("s3", region_name=REGION)
+    for capture in sorted(cloud.capture_dir.glob("*.jsonl")):
+        s3.upload_file(str(capture), cloud.output("ArtifactsBucketName"), f"monitoring/records/{capture.name}")
+    drift_fn = cloud.runtime.find("DetectDriftFunction")
+    cloud.bus.fire_schedule("DetectDriftFunctionHourly", account="123456789012", region=REGION)
+    last = drift_fn.invocations[-1] if drift_fn.invocations else {}
+    result: dict[str, Any] | None = last.get("result") if last.get("ok") else last.get("error")
+    return result
 
 
 def _try_endpoint(cloud: LocalCloud, data: Path) -> dict[str, Any] | None:

@@ -91,8 +91,8 @@ class LocalCloud:
             "lambda": {"use_docker": False},
         })
         self._mock.start()
-        if self.work_dir.exists():
-            shutil.rmtree(self.work_dir / "sagemaker", ignore_errors=True)
+        for stale in ("sagemaker", "capture", "hosting", "endpoints", "report"):
+            shutil.rmtree(self.work_dir / stale, ignore_errors=True)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.runtime = lambdas.LambdaRuntime(
             base_env={
