@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from localmode.template import load_template
+from localmode.template import function_environment, load_template
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = 1.3
@@ -32,23 +32,13 @@ sys.stdout.write(repr(time.perf_counter() - t0))
 BASELINE = "import boto3\nboto3.client('s3')"
 
 
-def _env_for(logical_id: str, props: dict) -> dict[str, str]:
-    """Plausible values for the variables the template sets (intrinsics replaced by strings)."""
+def _env_for(logical_id: str | None) -> dict[str, str]:
+    """The process environment plus, for a handler, the variables the template gives it."""
     env = dict(os.environ)
-    glob = load_template(REPO / "template.yaml")["Globals"]["Function"]["Environment"]["Variables"]
-    for key, value in {**glob, **props.get("Environment", {}).get("Variables", {})}.items():
-        if isinstance(value, str):
-            env[key] = value
-        elif any(w in key for w in ("MIN", "MAX", "COUNT", "GB", "SECONDS")):
-            env[key] = "1"
-        elif key == "HYPERPARAMETERS":
-            env[key] = "{}"
-        elif key in ("SUBNET_IDS", "SECURITY_GROUP_IDS"):
-            env[key] = ""
-        else:
-            env[key] = "ham7" if key == "LABEL_SET" else "x"
+    if logical_id is not None:
+        env.update(function_environment(load_template(REPO / "template.yaml"), logical_id))
     env.update(AWS_DEFAULT_REGION="eu-west-1", AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x",
-               POWERTOOLS_TRACE_DISABLED="false", PYTHONDONTWRITEBYTECODE="1")
+               PYTHONDONTWRITEBYTECODE="1")
     return env
 
 
@@ -62,16 +52,16 @@ def _once(body: str, env: dict[str, str], cwd: Path, path: list[str]) -> float:
 def measure(repeats: int) -> dict:
     """Median seconds per handler and for the baseline, interleaved so drift hits both alike."""
     template = load_template(REPO / "template.yaml")
-    layers = [str(REPO / "layers" / "common"), str(REPO / "layers" / "imaging")]
+    layers = [str(p) for p in sorted((REPO / "layers").iterdir()) if p.is_dir()]
     functions = {k: v["Properties"] for k, v in template["Resources"].items()
                  if v["Type"] == "AWS::Serverless::Function"}
-    base_env = _env_for("baseline", {})
+    base_env = _env_for(None)
     samples: dict[str, list[float]] = {"baseline": [], **{k: [] for k in functions}}
     for _ in range(repeats):
         samples["baseline"].append(_once(BASELINE, base_env, REPO, []))
         for logical_id, props in functions.items():
             code = REPO / props["CodeUri"]
-            samples[logical_id].append(_once("import app", _env_for(logical_id, props), code, [str(code), *layers]))
+            samples[logical_id].append(_once("import app", _env_for(logical_id), code, [str(code), *layers]))
     medians = {k: statistics.median(v) for k, v in samples.items()}
     base = medians["baseline"]
     return {

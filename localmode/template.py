@@ -198,3 +198,23 @@ class _NoValue:
 
 
 _NO_VALUE = _NoValue()
+
+
+def function_environment(template: dict[str, Any], logical_id: str, parameters: Mapping[str, str] | None = None,
+                         stack_name: str = "skin-lesion") -> dict[str, str]:
+    """A function's environment (Globals merged) as a deployment would set it, with made-up physical names.
+
+    For checks and benchmarks that import a handler outside any emulation: every resource resolves to a name
+    derived from its logical id, every attribute to an ARN-shaped string.
+    """
+    from collections import defaultdict
+
+    values = {"TrainingImageUri": "train:1", "InferenceImageUri": "infer:1", **(parameters or {})}
+    resolver = Resolver(template, values, {"AWS::Region": "eu-west-1", "AWS::AccountId": "123456789012",
+                                           "AWS::StackName": stack_name, "AWS::Partition": "aws"})
+    for name in template["Resources"]:
+        resolver.refs[name] = name.lower()
+        resolver.attrs[name] = defaultdict(lambda n=name: f"arn:aws:x:eu-west-1:123456789012:{n.lower()}")
+    env = dict(template.get("Globals", {}).get("Function", {}).get("Environment", {}).get("Variables", {}))
+    env.update(template["Resources"][logical_id]["Properties"].get("Environment", {}).get("Variables", {}))
+    return {k: str(v) for k, v in resolver.resolve(env).items()}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from localmode.eventbridge import pattern_matches
-from localmode.template import Resolver, load_template
+from localmode.template import Resolver, function_environment, load_template
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = load_template(REPO / "template.yaml")
@@ -175,26 +175,11 @@ def test_sam_validate_lint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _resolved_environment(logical_id: str) -> dict[str, str]:
-    """A function's environment as a deployment with default parameters would set it."""
-    from collections import defaultdict
-
-    resolver = Resolver(TEMPLATE, {"TrainingImageUri": "train:1", "InferenceImageUri": "infer:1"},
-                        {"AWS::Region": "eu-west-1", "AWS::AccountId": "123456789012", "AWS::StackName": "skin-lesion",
-                         "AWS::Partition": "aws"})
-    for name in RESOURCES:
-        resolver.refs[name] = name.lower()
-        resolver.attrs[name] = defaultdict(lambda n=name: f"arn:aws:x:eu-west-1:123456789012:{n.lower()}")
-    env = dict(TEMPLATE["Globals"]["Function"]["Environment"]["Variables"])
-    env.update(FUNCTIONS[logical_id]["Properties"].get("Environment", {}).get("Variables", {}))
-    return {k: str(v) for k, v in resolver.resolve(env).items()}
-
-
 @pytest.mark.parametrize("logical_id", sorted(FUNCTIONS))
 def test_handler_modules_import_with_the_template_environment(logical_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Import each handler with the environment the template gives it: configuration parses at cold start, and
     module-level code makes no AWS call."""
-    for key, value in _resolved_environment(logical_id).items():
+    for key, value in function_environment(TEMPLATE, logical_id).items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     path = REPO / FUNCTIONS[logical_id]["Properties"]["CodeUri"] / "app.py"
