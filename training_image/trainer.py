@@ -588,7 +588,7 @@ class Trainer:
             wrapped_head = DDP(model.head, device_ids=ids)
 
         stop_after = int(os.environ.get(STOP_AFTER_EPOCH_ENV, "0") or 0)
-        epoch_times: list[float] = []
+        epoch_times: dict[bool, list[float]] = {True: [], False: []}  # by frozen_backbone
         while state.epoch < self.epochs:
             if cfg.patience and state.stale_epochs >= cfg.patience:
                 log.info("early stopping: no better validation balanced accuracy for %d epochs", cfg.patience)
@@ -611,7 +611,7 @@ class Trainer:
             is_mel = val.labels == mel
             val_sens = float(((val.probs[:, mel] >= thr) & is_mel).sum() / max(1, is_mel.sum()))
             seconds = time.time() - t_epoch
-            epoch_times.append(seconds)
+            epoch_times[frozen].append(seconds)
             state.train_seconds += seconds
             record = {
                 "epoch": epoch, "frozen_backbone": frozen, "train_loss": train_stats["loss"],
@@ -638,7 +638,7 @@ class Trainer:
                 log.info(
                     "epoch %d/%d done in %.1fs: validation balanced accuracy %.4f (best %.4f at epoch %d), "
                     "total eta %s", epoch, self.epochs, seconds, val_bacc, state.best_score, state.best_epoch,
-                    _fmt_eta(float(np.mean(epoch_times)) * (self.epochs - epoch)),
+                    _fmt_eta(self._eta(epoch_times, epoch + 1)),
                 )
                 if not cfg.dry_run:
                     save_checkpoint(ckpt, model, opt, sched, scaler, state, fingerprint)
@@ -663,11 +663,28 @@ class Trainer:
 
             dist.barrier()
 
+    def _eta(
+        self, times: dict[bool, list[float]], first: int, current: tuple[bool, float] | None = None
+    ) -> float:
+        """Seconds left for epochs ``first``..end, from the mean measured time of head-only and full epochs."""
+        known = {phase: float(np.mean(t)) for phase, t in times.items() if t}
+        if current is not None:
+            known.setdefault(*current)
+        total = 0.0
+        for e in range(first, self.epochs + 1):
+            frozen = e <= self.cfg.freeze_epochs
+            if frozen in known:
+                total += known[frozen]
+            elif known:
+                # Not measured yet: a full epoch also backpropagates through the backbone, ~4x a head-only one.
+                total += known[not frozen] * (0.25 if frozen else 4.0)
+        return total
+
     # ----------------------------------------------------------------------------------------------------------
     def _train_epoch(
         self, model: LesionNet, net: nn.Module, frozen: bool, loader: DataLoader[tuple[torch.Tensor, int]],
         opt: torch.optim.Optimizer, sched: Any, scaler: Any, loss_fn: nn.Module, dtype: torch.dtype | None,
-        epoch: int, steps: int, epoch_times: list[float],
+        epoch: int, steps: int, epoch_times: dict[bool, list[float]],
     ) -> dict[str, float]:
         rt = self.rt
         t0 = time.time()
@@ -680,12 +697,12 @@ class Trainer:
                 return
             last_log[0] = now
             left_epoch = (steps - step) * (now - t0) / step
-            per_epoch = float(np.mean(epoch_times)) if epoch_times else (now - t0) * steps / step
+            this_epoch = (frozen, (now - t0) * steps / step)
             log.info(
                 "epoch %d/%d %s step %d/%d | loss %.4f | %.1f img/s | epoch eta %s | total eta %s",
                 epoch, self.epochs, "head-only" if frozen else "full", step, steps, mean_loss(),
                 seen * rt.world_size / max(now - t0, 1e-9), _fmt_eta(left_epoch),
-                _fmt_eta(left_epoch + per_epoch * (self.epochs - epoch)),
+                _fmt_eta(left_epoch + self._eta(epoch_times, epoch + 1, this_epoch)),
             )
 
         stats = train_epoch(

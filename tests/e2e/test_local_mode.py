@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "sample"
 # Small and fast: the point is the pipeline's behaviour, not the model's quality (benchmarks/ measures that).
 FAST_HPS = json.dumps({"arch": "efficientnet_lite0", "pretrained": "true", "epochs": "1", "freeze_epochs": "1",
-                       "image_size": "96x72", "batch_size": "32", "num_workers": "0"})
+                       "image_size": "96x72", "batch_size": "32", "num_workers": "0", "threads": "1"})
 BASE = {
     "MinNewImages": "50",
     "MinImagesPerClass": "10",
