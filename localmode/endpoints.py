@@ -350,7 +350,7 @@ class LocalEndpoints:
             resp_headers = {"Content-Type": ctype, "x-Amzn-Invoked-Production-Variant": "AllTraffic"}
             return 200, resp_headers, data
 
-        SageMakerRuntimeResponse.invoke_endpoint = invoke_endpoint  # type: ignore[method-assign]
+        SageMakerRuntimeResponse.invoke_endpoint = invoke_endpoint  # type: ignore[method-assign,assignment]
         # moto decodes request bodies as UTF-8 unless told otherwise, which fails on every JPEG.
         SageMakerRuntimeResponse.use_raw_body = True
 

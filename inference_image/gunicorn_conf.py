@@ -1,0 +1,66 @@
+"""gunicorn settings, from the environment the entry point prepared (:mod:`inference_image.settings`).
+
+Why gunicorn with uvicorn workers: gunicorn's pre-forked processes give one model per worker (a model run keeps
+one core busy; several processes use several cores without the GIL in the way), its master restarts a crashed or
+stuck worker, and SIGTERM is a graceful shutdown (stop accepting, finish in-flight requests, exit). Inside each
+worker, uvicorn's event loop (uvloop) with a C HTTP parser (httptools) keeps HTTP/1.1 connections alive and
+costs the least per request: it serves a request on one thread from parse to answer, where gunicorn's threaded
+worker hands every request from its poller thread to a pool thread and back. On this 2-CPU machine that hand-off
+measured 0.5-1.2 ms more latency per request, and several ms more when other processes compete for the CPUs
+(benchmarks/inference/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from uvicorn_worker import UvicornWorker
+
+from inference_image.settings import Settings
+
+_settings = Settings.from_env()
+
+
+class ServingWorker(UvicornWorker):
+    """uvicorn worker pinned to uvloop and httptools (fail loudly rather than silently run the slow pure-Python
+    stack), with the ASGI lifespan on and uvicorn's per-request access log off unless asked for."""
+
+    CONFIG_KWARGS = {
+        "loop": "uvloop",
+        "http": "httptools",
+        "lifespan": "on",
+        "access_log": bool(os.environ.get("SERVING_ACCESS_LOG")),
+        "timeout_graceful_shutdown": 25,  # below graceful_timeout, after which the master kills the worker
+    }
+
+
+bind = f"{_settings.host}:{_settings.port}"
+workers = _settings.workers
+worker_class = "inference_image.gunicorn_conf.ServingWorker"
+timeout = _settings.timeout
+graceful_timeout = 30
+# Longer than any load balancer's idle timeout in front of the container, so it never reuses a closed socket.
+keepalive = 75
+backlog = 2048
+preload_app = False  # each worker loads its own model after fork (no runtime state shared across fork)
+max_requests = int(os.environ.get("SERVING_MAX_REQUESTS", "0"))
+max_requests_jitter = max_requests // 10
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+# Off unless asked for: a log line per request is measurable overhead at a few milliseconds per request.
+accesslog = os.environ.get("SERVING_ACCESS_LOG") or None
+errorlog = "-"
+loglevel = _settings.log_level
+proc_name = "lesion-serving"
+control_socket_disable = True  # gunicorn's runtime-control socket is not needed and wants a writable home
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """Number the worker (a GPU worker takes GPU ``index % gpus``); ``age`` counts spawns, replacements included."""
+    os.environ["SERVING_WORKER_INDEX"] = str((worker.age - 1) % max(_settings.workers, 1))
+
+
+def when_ready(server: Any) -> None:
+    """Log the listening address once the master is up (workers still load the model after this)."""
+    logging.getLogger("gunicorn.error").info("listening on %s with %d worker(s)", bind, workers)

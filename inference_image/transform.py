@@ -1,0 +1,122 @@
+"""The model input and the image statistics of a decoded image, computed together from one planar copy.
+
+Numerically the same as :func:`lesionml.preprocessing.normalise` and
+:func:`lesionml.reference_stats.image_statistics` (to float32 rounding; a test checks both on real images), but
+over 10x faster: those take ~4 ms per 200x150 image here, mostly in numpy reductions over the last, 3-wide axis
+(per-pixel max/min and channel means), a serving overhead comparable to the model run itself. Working on three
+contiguous colour planes in few passes brings it to ~0.15 ms.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from inference_image.imaging import DecodedImage
+from lesionml.preprocessing import PreprocessingSpec, crop_box_for_aspect, resize_for_model
+
+_STATS_MAX_SIDE = 256  # lesionml.reference_stats computes its statistics on a copy no larger than this
+_LUMA_W = np.array([0.299, 0.587, 0.114], dtype=np.float32) / np.float32(255.0)  # ITU-R BT.601, as lesionml
+_RECIPROCAL = np.concatenate([[0.0], 1.0 / np.arange(1, 256)]).astype(np.float32)  # 1/max, 0 for black pixels
+
+
+def planes(img: Image.Image) -> np.ndarray:
+    """``(3, H, W)`` contiguous uint8 copy of an RGB image."""
+    return planes_from_array(np.asarray(img))
+
+
+def planes_from_array(pixels: np.ndarray) -> np.ndarray:
+    """``(3, H, W)`` contiguous uint8 copy of ``(H, W, 3)`` pixels."""
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def statistics_from_planes(p: np.ndarray, width: int, height: int) -> dict[str, float]:
+    """Colour statistics of the ``(3, H, W)`` planes of an image whose original size is ``width x height``."""
+    return statistics_and_flatness(p, width, height)[0]
+
+
+def statistics_and_flatness(p: np.ndarray, width: int, height: int) -> tuple[dict[str, float], float]:
+    """Colour statistics of the ``(3, H, W)`` planes (see :func:`statistics_from_planes`) and their flatness.
+
+    Flatness is the share of pixels in the most common 8-bit luma level: at most 0.16 on 10,015 HAM10000 images,
+    0.46 and more for plots, masks and silhouettes (:mod:`inference_image.ood`). Few passes over the pixels:
+    channel sums (exact), luma as one float32 matrix-vector product with its variance and level histogram,
+    and saturation ``(max - min) / max`` through a reciprocal table.
+    """
+    n = p.shape[1] * p.shape[2]
+    rows = p.reshape(3, -1)
+    f = rows.astype(np.float32)
+    sums = f.sum(axis=1)  # exact: every partial sum is an integer below 2**24 (at most 256 x 256 x 255)
+    luma = _LUMA_W @ f
+    mean = float(sums @ _LUMA_W) / n
+    centred = luma - np.float32(mean)  # the centred form: E[l^2] - mean^2 in float32 loses a blank frame's std
+    var = float(np.dot(centred, centred)) / n
+    cmax = rows.max(axis=0)
+    spread = (cmax - rows.min(axis=0)).astype(np.float32)
+    levels = np.multiply(luma, np.float32(255.0))
+    levels += np.float32(0.5)
+    flatness = float(np.bincount(levels.astype(np.uint8), minlength=256).max()) / n
+    return {
+        "brightness": mean,
+        "contrast": var**0.5,
+        "red_mean": float(sums[0]) / (n * 255.0),
+        "green_mean": float(sums[1]) / (n * 255.0),
+        "blue_mean": float(sums[2]) / (n * 255.0),
+        "saturation": float(np.dot(spread, _RECIPROCAL[cmax])) / n,
+        "width": float(width),
+        "height": float(height),
+        "aspect": float(width / height),
+    }, flatness
+
+
+class ModelInputBuilder:
+    """Turns decoded RGB images into the model input and the reference's image statistics.
+
+    Parameters
+    ----------
+    spec : PreprocessingSpec
+        From ``preprocessing.json``.
+    """
+
+    def __init__(self, spec: PreprocessingSpec) -> None:
+        self.spec = spec
+        std = np.asarray(spec.std, dtype=np.float64)
+        mean = np.asarray(spec.mean, dtype=np.float64)
+        # (x / scale - mean) / std == x * a + b, folded into one multiply-add per value.
+        self.scale = (1.0 / (spec.scale * std)).astype(np.float32)[:, None, None]
+        self.offset = (-mean / std).astype(np.float32)[:, None, None]
+
+    def normalise(self, p: np.ndarray) -> np.ndarray:
+        """``(3, H, W)`` uint8 planes to the normalised float32 model input."""
+        out = np.multiply(p, self.scale, dtype=np.float32)
+        out += self.offset
+        return out
+
+    def model_input(self, decoded: DecodedImage) -> tuple[np.ndarray, np.ndarray | None]:
+        """The ``(3, height, width)`` float32 model input, and the planes of the full picture when it needed no
+        resizing (then they also serve the statistics)."""
+        spec = self.spec
+        w, h = decoded.size
+        full = (w, h) == (spec.width, spec.height) and (
+            spec.resize == "stretch" or crop_box_for_aspect(w, h, spec.width, spec.height) == (0, 0, w, h))
+        if full:  # already the model's size: no Pillow image needed at all
+            p = planes_from_array(decoded.pixels)
+            return self.normalise(p), p
+        return self.normalise(planes(resize_for_model(decoded.image, spec))), None
+
+    def statistics(self, decoded: DecodedImage, full_planes: np.ndarray | None) -> tuple[dict[str, float], float]:
+        """The reference's image statistics of the decoded picture (reported at its full-scale size), and its
+        flatness; both on the picture reduced to at most 256 px a side, as the reference does."""
+        width, height = decoded.size
+        if max(width, height) > _STATS_MAX_SIDE:
+            s = _STATS_MAX_SIDE / max(width, height)
+            small = decoded.image.resize((max(1, round(width * s)), max(1, round(height * s))),
+                                         Image.Resampling.BILINEAR)
+            return statistics_and_flatness(planes(small), decoded.width, decoded.height)
+        p = full_planes if full_planes is not None else planes_from_array(decoded.pixels)
+        return statistics_and_flatness(p, decoded.width, decoded.height)
+
+    def build(self, decoded: DecodedImage) -> tuple[np.ndarray, dict[str, float]]:
+        """Model input and image statistics."""
+        x, full = self.model_input(decoded)
+        return x, self.statistics(decoded, full)[0]

@@ -1,0 +1,281 @@
+"""In-process checks of the serving pieces: parity with the training transform and the upload validation,
+request parsing, out-of-distribution rules, settings and model-directory checks."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from inference_image.app import RequestError, accepts_json, images_from_json, media_type
+from inference_image.artifacts import ModelDirError, load_artifacts
+from inference_image.capture import CaptureWriter
+from inference_image.imaging import DecodedImage, ImageRequestError, decode_image
+from inference_image.ood import OODScorer
+from inference_image.settings import Settings, SettingsError
+from inference_image.transform import ModelInputBuilder, planes_from_array, statistics_and_flatness
+from lesionml.preprocessing import PreprocessingSpec, normalise, resize_for_model
+from lesionml.reference_stats import image_statistics
+
+from .helpers import NEGATIVES, SAMPLE_IMAGES, encode, odd_variants, sample_image
+
+SPEC = PreprocessingSpec(arch="efficientnet_lite0", height=150, width=200, mean=(0.498,) * 3, std=(0.502,) * 3)
+
+
+def _images() -> list[Image.Image]:
+    """Real images of several sizes and aspect ratios (resized, cropped, statistics on a reduced copy)."""
+    imgs = [Image.open(p).convert("RGB") for p in sorted(SAMPLE_IMAGES.glob("*.jpg"))[:3]]
+    imgs.append(imgs[0].resize((900, 300)))
+    imgs.append(imgs[1].resize((97, 131)))
+    imgs.append(Image.new("RGB", (64, 48), (0, 0, 0)))
+    return imgs
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_fast_transform_equals_lesionml(index: int) -> None:
+    img = _images()[index]
+    x, stats = ModelInputBuilder(SPEC).build(DecodedImage(img, "PNG", "RGB", img.width, img.height))
+    expected_x = normalise(np.asarray(resize_for_model(img, SPEC)), SPEC)
+    assert x.dtype == np.float32 and x.shape == expected_x.shape
+    np.testing.assert_allclose(x, expected_x, atol=1e-5)
+    expected = image_statistics(img)
+    assert set(stats) == set(expected)
+    for name, value in expected.items():  # lesionml sums channel means in float32: up to ~2e-4 of rounding
+        assert stats[name] == pytest.approx(value, abs=1e-3), name
+    small = img if max(img.size) <= 256 else img.resize(
+        (round(img.width * 256 / max(img.size)), round(img.height * 256 / max(img.size))), Image.Resampling.BILINEAR)
+    exact = np.asarray(small, dtype=np.float64).reshape(-1, 3).mean(axis=0) / 255
+    np.testing.assert_allclose([stats["red_mean"], stats["green_mean"], stats["blue_mean"]], exact, atol=1e-9)
+
+
+@pytest.mark.parametrize("variant", ["exif_rotated", "cmyk", "rgba", "palette", "grey", "grey16"])
+def test_decoding_matches_upload_validation(variant: str) -> None:
+    """Served pixels equal the validated copy training read (up to its JPEG re-encoding)."""
+    validation = pytest.importorskip("lesion_imaging.validation")
+    data, _ = odd_variants(sample_image())[variant]
+    served = np.asarray(decode_image(data, 40_000_000).image, dtype=np.float64)
+    clean = validation.validate_image_bytes(data, limits=validation.ValidationLimits())
+    stored = np.asarray(Image.open(io.BytesIO(clean.jpeg)).convert("RGB"), dtype=np.float64)
+    assert served.shape == stored.shape
+    assert np.abs(served - stored).mean() < 2.0  # JPEG quality 95 re-encoding
+
+
+@pytest.mark.skipif(not (NEGATIVES / "negatives.csv").is_file(), reason="../shared/data/negatives is not present")
+def test_decoding_never_raises_anything_but_request_errors() -> None:
+    for path in sorted(NEGATIVES.iterdir()):
+        try:
+            img = decode_image(path.read_bytes(), 40_000_000, (200, 150)).image
+        except ImageRequestError as e:
+            assert e.status in (400, 413)
+            continue
+        assert img.mode == "RGB"
+
+
+def _jpegs() -> list[tuple[str, bytes]]:
+    """Plain JPEGs (fast path) and JPEGs Pillow must handle (EXIF, CMYK, grey, damaged)."""
+    rgb = Image.open(SAMPLE_IMAGES / "ISIC_0024323.jpg").convert("RGB")
+    out = [(p.name, p.read_bytes()) for p in sorted(SAMPLE_IMAGES.glob("*.jpg"))[:20]]
+    out += [("progressive", encode(rgb, "JPEG", progressive=True, quality=80)),
+            ("444", encode(rgb.resize((640, 480)), "JPEG", subsampling=0, quality=97))]
+    out += [(k, v[0]) for k, v in odd_variants(sample_image()).items() if k in ("exif_rotated", "cmyk")]
+    out.append(("grey", encode(rgb.convert("L"), "JPEG")))
+    out.append(("truncated", sample_image()[:3000]))
+    return out
+
+
+def test_fast_jpeg_path_gives_pillows_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """libjpeg-turbo through simplejpeg and through Pillow: identical pixels and metadata, or no fast path."""
+    from inference_image import imaging
+
+    fast_used = 0
+    for name, data in _jpegs():
+        fast = imaging._fast_jpeg(data, 40_000_000, (200, 150))
+        with monkeypatch.context() as m:
+            m.setattr(imaging, "_simplejpeg", None)
+            try:
+                slow = decode_image(data, 40_000_000, (200, 150))
+            except ImageRequestError:
+                assert fast is None, name
+                continue
+        if fast is None:
+            assert name in ("exif_rotated", "cmyk", "grey"), name
+            continue
+        fast_used += 1
+        assert np.array_equal(np.asarray(fast.image), np.asarray(slow.image)), name
+        assert (fast.width, fast.height, fast.source_mode, fast.conversions) == (
+            slow.width, slow.height, slow.source_mode, slow.conversions), name
+    assert fast_used == 22
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_with_full_size_reported() -> None:
+    big = Image.open(SAMPLE_IMAGES / "ISIC_0024323.jpg").convert("RGB").resize((4000, 3000))
+    decoded = decode_image(encode(big, "JPEG", quality=90), 40_000_000, (200, 150))
+    assert decoded.image.size == (2000, 1500) and "jpeg_draft_1/2" in decoded.conversions
+    assert (decoded.width, decoded.height) == (4000, 3000)
+
+
+def test_media_type_and_accept_parsing() -> None:
+    assert media_type("Image/JPEG; q=1") == "image/jpeg"
+    assert media_type(None) == ""
+    assert accepts_json(None) and accepts_json("") and accepts_json("*/*;q=0.1")
+    assert accepts_json("text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8")
+    assert not accepts_json("text/csv") and not accepts_json("application/json;q=0")
+    assert not accepts_json("application/json;q=abc")
+
+
+def test_json_request_shapes() -> None:
+    raw = b"\xff\xd8\xff-bytes"
+    b64 = base64.b64encode(raw).decode()
+    assert images_from_json(json.dumps({"image": b64}).encode(), 4) == [raw]
+    doc = {"instances": [{"b64": b64}, b64, "data:image/jpeg;base64," + b64, b64[:8] + "\n" + b64[8:]]}
+    assert images_from_json(json.dumps(doc).encode(), 4) == [raw] * 4
+    for bad, code in [(b"[]", "invalid_json"), (b'{"instances": {}}', "invalid_json"),
+                      (b'{"instances": [1]}', "invalid_json"), (b'{"image": "a"}', "invalid_base64"),
+                      (b"\xff\xfe", "invalid_json")]:
+        with pytest.raises(RequestError) as err:
+            images_from_json(bad, 4)
+        assert err.value.code == code and err.value.status == 400
+    with pytest.raises(RequestError) as err:
+        images_from_json(json.dumps({"instances": [b64] * 5}).encode(), 4)
+    assert err.value.status == 413
+
+
+def _reference(dim: int = 8) -> dict:
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(200, dim))
+    q = {"p01": 0.3, "p50": 0.5, "p99": 0.7}
+    return {
+        "embedding": {"dim": dim, "mean": emb.mean(0).tolist(), "std": emb.std(0).tolist(),
+                      "pca": {"k": 2, "components": np.eye(dim)[:2].tolist()}},
+        "image": {n: {"mean": 0.5, "std": 0.1, "quantiles": q}
+                  for n in ("brightness", "contrast", "red_mean", "green_mean", "blue_mean", "saturation")},
+    }
+
+
+def flat_share(pixels: np.ndarray) -> float:
+    return statistics_and_flatness(planes_from_array(pixels), pixels.shape[1], pixels.shape[0])[1]
+
+
+def test_ood_rules() -> None:
+    scorer = OODScorer(_reference())
+    normal = dict.fromkeys(("brightness", "contrast", "red_mean", "green_mean", "blue_mean", "saturation"), 0.5)
+    photo = np.random.default_rng(1).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    size = (80, 60)
+    ok = scorer.score(np.zeros(8), normal, size, flat_share(photo))
+    assert not ok.flag and ok.score < 1 and ok.reasons == []
+    far = scorer.score(np.full(8, 10.0), normal, size, flat_share(photo))
+    assert far.flag and far.reasons == ["embedding_distance"] and far.score >= 1
+    odd_stats = scorer.score(np.zeros(8), {**normal, "saturation": 0.0}, size, 0.0)
+    assert odd_stats.reasons == ["image_statistics:saturation"]
+    assert odd_stats.image_z["saturation"] == pytest.approx(-5.0)
+    blank = scorer.score(np.zeros(8), {**normal, "contrast": 0.0}, size, 1.0)
+    assert "blank_image" in blank.reasons and blank.score >= 1
+    mask = np.zeros((60, 80, 3), dtype=np.uint8)
+    mask[20:40, 20:50] = 255
+    assert flat_share(mask) == pytest.approx(1 - 600 / 4800)
+    assert "flat_image" in scorer.score(np.zeros(8), normal, size, flat_share(mask)).reasons
+    assert "too_small" in scorer.score(np.zeros(8), normal, (20, 20), 0.0).reasons
+    assert len(scorer.score(np.ones(8), normal, size, 0.0).projection) == 2
+    assert len(scorer.project(np.ones(8))) == 2
+
+
+def test_flatness_counts_the_most_common_luma_level() -> None:
+    img = Image.open(SAMPLE_IMAGES / "ISIC_0024323.jpg").convert("RGB")
+    grey = np.asarray(img.convert("L"))
+    expected = np.bincount(grey.ravel(), minlength=256).max() / grey.size
+    assert flat_share(np.asarray(img)) == pytest.approx(expected, abs=0.01)  # float vs Pillow's integer luma
+    assert flat_share(np.zeros((10, 10, 3), dtype=np.uint8)) == 1.0
+
+
+def test_settings_defaults_and_errors(tmp_path: Path) -> None:
+    s = Settings.from_env({})
+    assert (s.port, s.host, str(s.model_dir), s.max_payload_bytes) == (8080, "0.0.0.0", "/opt/ml/model", 6291456)
+    assert s.workers >= 1 and s.intra_op_threads >= 1 and s.capture_dir is None
+    s = Settings.from_env({"MODEL_DIR": str(tmp_path), "SAGEMAKER_BIND_TO_PORT": "9000", "CAPTURE_DIR": "/x",
+                           "SAGEMAKER_MODEL_SERVER_WORKERS": "3"})
+    assert (s.model_dir, s.port, str(s.capture_dir), s.workers) == (tmp_path, 9000, "/x", 3)
+    assert Settings.from_env({"SM_MODEL_DIR": "/a", "MODEL_DIR": "/b"}).model_dir == Path("/a")
+    for env in ({"SAGEMAKER_BIND_TO_PORT": "http"}, {"SERVING_RUNTIME": "tensorrt"}, {"CAPTURE_RAW_IMAGES": "maybe"},
+                {"OOD_EMBEDDING_THRESHOLD": "-1"}, {"SAGEMAKER_MODEL_SERVER_WORKERS": "0"}):
+        with pytest.raises(SettingsError):
+            Settings.from_env(env)
+
+
+def test_model_directory_checks(model_dir: Path, tmp_path: Path) -> None:
+    art = load_artifacts(model_dir)
+    assert art.version == f"sha256-{art.model_sha256[:12]}" and art.classes[4] == "mel"
+    assert load_artifacts(model_dir, version="9").version == "9"
+    with pytest.raises(ModelDirError, match="does not exist"):
+        load_artifacts(tmp_path / "nowhere")
+    broken = tmp_path / "m"
+    shutil.copytree(model_dir, broken)
+    (broken / "preprocessing.json").write_text("{")
+    with pytest.raises(ModelDirError, match="preprocessing.json"):
+        load_artifacts(broken)
+    (broken / "preprocessing.json").unlink()
+    (broken / "model.ts").unlink()
+    with pytest.raises(ModelDirError, match="missing model.ts .* preprocessing.json"):
+        load_artifacts(broken)
+
+
+def test_capture_writer_survives_an_unwritable_directory(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    writer = CaptureWriter(blocked / "capture", raw=True)
+    writer.write([{"a": 1}])  # logged, not raised
+    assert writer.write_raw("r", 0, b"x", "JPEG") is None
+    ok = CaptureWriter(tmp_path / "capture", raw=True)
+    ok.write([{"a": 1}, {"b": 2}])
+    assert ok.write_raw("r", 0, b"x", "PNG") == "raw/r-0.png"
+    ok.close()
+    (path,) = (tmp_path / "capture").glob("capture-*.jsonl")
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"a": 1}, {"b": 2}]
+
+
+def test_workers_import_only_the_image_dependencies() -> None:
+    """A worker needs only what inference_image/requirements.txt installs, and never torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, inference_image.app, inference_image.gunicorn_conf, onnxruntime, "
+            "uvicorn.protocols.http.httptools_impl, uvicorn.loops.uvloop, uvicorn.lifespan.on; "
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout.split()
+    imported = {m for m in out if not m.startswith("_") and m != "cython_runtime"}
+    assert "torch" not in imported
+    assert imported == {"PIL", "click", "gunicorn", "httptools", "inference_image", "lesionml", "numpy",
+                        "onnxruntime", "simplejpeg", "uvicorn", "uvicorn_worker", "uvloop"}
+
+
+def test_image_pins_are_what_the_tests_run() -> None:
+    """The container runs what the tests ran: every pin of inference_image/requirements.txt is installed here at
+    that version, and the direct dependencies are pinned for development too (requirements/)."""
+    from importlib.metadata import version
+
+    root = Path(__file__).resolve().parents[2]
+
+    def pins(text: str) -> dict[str, str]:
+        out = {}
+        for line in text.splitlines():
+            line = line.split("#")[0].strip()
+            if "==" in line:
+                name, _, ver = line.partition("==")
+                out[name.split("[")[0].strip().lower()] = ver.strip()
+        return out
+
+    image = pins((root / "inference_image" / "requirements.txt").read_text())
+    for name, pinned in image.items():
+        assert version(name).split("+")[0] == pinned, name
+    dev: dict[str, str] = {}
+    for f in (root / "requirements").glob("*.txt"):
+        dev.update(pins(f.read_text()))
+    for name in ("torch", "onnx", "onnxruntime", "numpy", "pillow", "simplejpeg", "gunicorn", "uvicorn",
+                 "uvicorn-worker", "httptools", "uvloop"):
+        assert dev.get(name) == image[name], name
