@@ -469,6 +469,77 @@ def _encode_jpeg(rgb: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+# Markers without a length: TEM and the restart markers inside entropy-coded data.
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def strip_jpeg_metadata(data: bytes) -> bytes | None:
+    """The same JPEG without its metadata segments, or None when it cannot be done losslessly and safely.
+
+    Drops APP1-APP15 (EXIF with GPS, XMP, ICC, IPTC...), COM and anything after EOI, and keeps the frame, tables
+    and entropy-coded scans byte for byte, so the pixels are exactly those the upload decodes to (no second
+    lossy encode) at a fraction of a re-encode's cost. Declines (None) what it cannot vouch for or what the stored
+    form excludes: no thumbnail-free JFIF header first, an Adobe APP14 (it decides the colour transform), a frame
+    other than baseline/extended sequential (progressive and the rest), or any malformed structure; the caller
+    then re-encodes.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    out = bytearray(b"\xff\xd8")
+    i, n, in_scan = 2, len(data), False
+    while i < n:
+        if in_scan:
+            j = i
+            while True:  # the scan ends at the first 0xFF that is not stuffing, a restart marker or fill
+                j = data.find(b"\xff", j)
+                if j < 0 or j + 1 >= n:
+                    return None
+                following = data[j + 1]
+                if following == 0x00 or 0xD0 <= following <= 0xD7:
+                    j += 2
+                elif following == 0xFF:
+                    j += 1
+                else:
+                    break
+            out += data[i:j]
+            i, in_scan = j, False
+            continue
+        if data[i] != 0xFF:
+            return None
+        while i < n and data[i] == 0xFF:
+            i += 1
+        if i >= n:
+            return None
+        marker = data[i]
+        i += 1
+        if marker == 0xD9:
+            out += b"\xff\xd9"
+            return bytes(out)
+        if marker in _STANDALONE_MARKERS:
+            out += bytes((0xFF, marker))
+            continue
+        if i + 2 > n:
+            return None
+        length = int.from_bytes(data[i:i + 2], "big")
+        if length < 2 or i + length > n:
+            return None
+        segment = data[i:i + length]
+        i += length
+        if marker == 0xEE or (0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)):
+            return None
+        if len(out) == 2 and marker != 0xE0:
+            return None
+        if marker == 0xE0:
+            if segment[2:7] != b"JFIF\x00" or len(segment) < 16 or segment[14] or segment[15]:
+                return None
+        elif 0xE1 <= marker <= 0xEF or marker == 0xFE:
+            continue
+        out += bytes((0xFF, marker)) + segment
+        if marker == 0xDA:
+            in_scan = True
+    return None
+
+
 def validate_image_bytes(data: bytes, *, limits: ValidationLimits) -> CleanImage:
     """Validate an upload and return its clean copy.
 
@@ -534,7 +605,9 @@ def _validate(data: bytes, fmt: str, limits: ValidationLimits) -> CleanImage:
     small = thumbnail(rgb)
     hashed, spread = _hash_and_spread(np.asarray(small))
     _check_content(small, spread)
-    jpeg = _encode_jpeg(rgb)
+    # An RGB JPEG that needed no conversion keeps its own coded data, stripped of metadata; others are re-encoded.
+    stripped = strip_jpeg_metadata(data) if fmt == "JPEG" and not conversions and source_mode == "RGB" else None
+    jpeg = stripped if stripped is not None else _encode_jpeg(rgb)
     return CleanImage(
         jpeg=jpeg,
         width=rgb.width,
