@@ -72,7 +72,9 @@ _LABEL_RULES: tuple[tuple[tuple[str, ...], str, str], ...] = (
 )
 assert all(h in LABEL_SETS["ham7"] and i in LABEL_SETS["isic8"] for _, h, i in _LABEL_RULES)
 
-CSV_FIELDS = ("isic_id", "lesion_id", "diagnosis", "benign_malignant", "ham7", "isic8")
+# image_id and dx repeat isic_id and the dataset's label-set code so the data bucket's validator reads this file
+# as a HAM10000-format label CSV (tools.upload_dataset --metadata DIR/metadata.csv).
+CSV_FIELDS = ("image_id", "lesion_id", "dx", "isic_id", "diagnosis", "benign_malignant", "ham7", "isic8")
 
 
 class DownloadError(RuntimeError):
@@ -401,7 +403,10 @@ def download_dataset(out: Path, *, dataset: str = "ham10000", collections: list[
     with (out / "metadata.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         writer.writeheader()
-        writer.writerows(metadata_row(image) for image in kept)
+        label_set = "ham7" if dataset == "ham10000" else "isic8"
+        for image in kept:
+            row = metadata_row(image)
+            writer.writerow({**row, "image_id": row["isic_id"], "dx": row[label_set]})
     # The full records minus their file URLs, which are short-lived signed links.
     _write_atomic(out / "metadata.jsonl", "".join(json.dumps({k: v for k, v in image.items() if k != "files"},
                                                              sort_keys=True) + "\n" for image in kept))

@@ -250,3 +250,16 @@ def test_listing_error_exits_non_zero(archive: FakeArchive, tmp_path: Path,
 ])
 def test_map_label(diagnoses: list[str], expected: tuple[str, str]) -> None:
     assert map_label(diagnoses) == expected
+
+
+def test_metadata_csv_is_a_label_file_the_validator_reads(archive: FakeArchive, tmp_path: Path) -> None:
+    """download -> upload -> validate: the CSV carries the labels the validation function applies."""
+    from lesion_common.labels import parse_metadata_csv
+
+    _run(archive, tmp_path / "out")
+    rows = parse_metadata_csv((tmp_path / "out" / "metadata.csv").read_text())
+    written = list(csv.DictReader((tmp_path / "out" / "metadata.csv").open()))
+    assert rows and len(rows) == len(written)
+    by_id = {r["image_id"]: r for r in written}
+    for row in rows:
+        assert row.image_id in by_id and (row.label or "") == by_id[row.image_id]["ham7"]
