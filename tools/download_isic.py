@@ -29,6 +29,7 @@ from typing import Any
 import requests
 
 from lesionml.labels import LABEL_SETS
+from tools.progress import Progress
 
 DEFAULT_BASE_URL = "https://api.isic-archive.com/api/v2"
 PAGE_SIZE = 100
@@ -95,25 +96,6 @@ class DownloadReport:
     failed: int = 0
     bytes: int = 0
     errors: list[str] = field(default_factory=list)
-
-
-class _Progress:
-    """A one-line progress bar on stderr (only when it is a terminal, or when forced)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.enabled = total, 0, enabled
-        self._lock = threading.Lock()
-
-    def step(self) -> None:
-        with self._lock:
-            self.done += 1
-            if self.enabled and (self.done == self.total or self.done % 10 == 0):
-                width = 30
-                filled = int(width * self.done / max(self.total, 1))
-                sys.stderr.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}")
-                if self.done == self.total:
-                    sys.stderr.write("\n")
-                sys.stderr.flush()
 
 
 def map_label(diagnoses: list[str]) -> tuple[str, str]:
@@ -334,7 +316,7 @@ def download_dataset(out: Path, *, dataset: str = "ham10000", collections: list[
     manifest.update(dataset=dataset, base_url=base_url, collections=collections)
     files: dict[str, Any] = manifest["files"]
     lock = threading.Lock()
-    bar = _Progress(len(images), sys.stderr.isatty() if progress is None else progress)
+    bar = Progress(len(images), progress)
     complete: set[str] = set()
 
     def save_manifest() -> None:

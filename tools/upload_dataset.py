@@ -24,6 +24,8 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
+from tools.progress import Progress
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 # Multipart above 16 MB, in 16 MB parts: dermoscopy originals are a few MB, so most uploads are one request.
 TRANSFER = TransferConfig(multipart_threshold=16 * 1024 * 1024, multipart_chunksize=16 * 1024 * 1024)
@@ -37,25 +39,6 @@ class UploadReport:
     skipped: int = 0
     failed: int = 0
     bytes: int = 0
-
-
-class _Progress:
-    """A one-line progress bar on stderr (only when it is a terminal, or when forced)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.enabled = total, 0, enabled
-        self._lock = threading.Lock()
-
-    def step(self) -> None:
-        with self._lock:
-            self.done += 1
-            if self.enabled and (self.done == self.total or self.done % 10 == 0):
-                width = 30
-                filled = int(width * self.done / max(self.total, 1))
-                sys.stderr.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}")
-                if self.done == self.total:
-                    sys.stderr.write("\n")
-                sys.stderr.flush()
 
 
 def _already_there(s3: Any, bucket: str, key: str, size: int) -> bool:
@@ -93,7 +76,7 @@ def upload_dataset(s3: Any, bucket: str, folder: Path, metadata: Path | None = N
         s3.upload_file(str(metadata), bucket, prefix + metadata.name, Config=TRANSFER)
         report.uploaded += 1
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    bar = _Progress(len(files), sys.stderr.isatty() if progress is None else progress)
+    bar = Progress(len(files), progress)
     lock = threading.Lock()
 
     def one(path: Path) -> None:
