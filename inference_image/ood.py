@@ -48,6 +48,7 @@ class OODResult:
     image_z: dict[str, float]
     projection: np.ndarray
     norm: float
+    image_z_rounded: dict[str, float] | None = None
 
     def to_dict(self, embedding_threshold: float, image_threshold: float) -> dict[str, Any]:
         """The ``ood`` block of an answer."""
@@ -59,8 +60,22 @@ class OODResult:
             "embedding_threshold": embedding_threshold,
             "image_excess": round(self.image_excess, 4),
             "image_threshold": image_threshold,
-            "image_z": {k: round(v, 3) for k, v in self.image_z.items()},
+            "image_z": self.image_z_rounded if self.image_z_rounded is not None else {
+                k: round(v, 3) for k, v in self.image_z.items()
+            },
         }
+
+
+@dataclass(frozen=True)
+class ImageEvidence:
+    """What the picture alone says (no model needed): computed before the model run, while the interpreter and the
+    pixels are still in the CPU caches; after a 6 ms model run the same Python code takes ~3x longer."""
+
+    excess: float
+    excess_name: str | None
+    image_z: dict[str, float]
+    rules: list[str]  # content rules that fired: too_small, blank_image, flat_image
+    image_z_rounded: dict[str, float]
 
 
 class OODScorer:
@@ -114,14 +129,11 @@ class OODScorer:
                 worst, worst_name = excess, name
         return worst, worst_name, z
 
-    def score(self, embedding: np.ndarray, stats: Mapping[str, float], size: tuple[int, int],
-              flat: float) -> OODResult:
-        """Score one image.
+    def image_evidence(self, stats: Mapping[str, float], size: tuple[int, int], flat: float) -> ImageEvidence:
+        """The image-statistics excess and the content rules of one picture.
 
         Parameters
         ----------
-        embedding : np.ndarray
-            ``(D,)`` model embedding.
         stats : dict
             The decoded image's statistics, as :func:`lesionml.reference_stats.image_statistics` defines them.
         size : (int, int)
@@ -129,28 +141,48 @@ class OODScorer:
         flat : float
             Flatness of the picture (:func:`inference_image.transform.statistics_and_flatness`).
         """
+        excess, excess_name, z = self.image_excess(stats)
+        rules = []
+        if min(size) < MIN_SIDE:
+            rules.append("too_small")
+        if stats["contrast"] < BLANK_CONTRAST:
+            rules.append("blank_image")
+        elif flat >= FLAT_SHARE:
+            rules.append("flat_image")
+        rounded = dict(zip(z, np.round(np.fromiter(z.values(), np.float64, len(z)), 3).tolist(), strict=True))
+        return ImageEvidence(excess, excess_name, z, rules, rounded)
+
+    def score(self, embedding: np.ndarray, stats: Mapping[str, float] | ImageEvidence,
+              size: tuple[int, int] = (0, 0), flat: float = 0.0) -> OODResult:
+        """Score one image.
+
+        Parameters
+        ----------
+        embedding : np.ndarray
+            ``(D,)`` model embedding.
+        stats : dict or ImageEvidence
+            The picture's :meth:`image_evidence`, or its statistics (then ``size`` and ``flat`` are needed too).
+        size, flat
+            See :meth:`image_evidence`.
+        """
+        ev = stats if isinstance(stats, ImageEvidence) else self.image_evidence(stats, size, flat)
         e = embedding.astype(np.float32, copy=False)
         d = e - self.mean
         # One difference vector serves the distance and the PCA projection (each numpy call is costly right after
         # a model run has flushed the caches).
         distance = float(np.dot(d * d, self.inv_var)) / (len(d) * self.norm)
         projection = self.components @ d
-        excess, excess_name, z = self.image_excess(stats)
-        score = max(distance / self.embedding_threshold, excess / self.image_threshold)
+        score = max(distance / self.embedding_threshold, ev.excess / self.image_threshold)
         reasons = []
         if distance >= self.embedding_threshold:
             reasons.append("embedding_distance")
-        if excess >= self.image_threshold:
-            reasons.append(f"image_statistics:{excess_name}")
-        if min(size) < MIN_SIDE:
-            reasons.append("too_small")
-        if stats["contrast"] < BLANK_CONTRAST:
-            reasons.append("blank_image")
-        elif flat >= FLAT_SHARE:
-            reasons.append("flat_image")
+        if ev.excess >= self.image_threshold:
+            reasons.append(f"image_statistics:{ev.excess_name}")
+        reasons += ev.rules
         if reasons:
             score = max(score, 1.0)  # so that "flag" is exactly "score >= 1" whatever fired
-        return OODResult(score, bool(reasons), reasons, distance, excess, z, projection, float(np.dot(e, e)) ** 0.5)
+        return OODResult(score, bool(reasons), reasons, distance, ev.excess, ev.image_z, projection,
+                         float(np.dot(e, e)) ** 0.5, ev.image_z_rounded)
 
     def project(self, embedding: np.ndarray) -> np.ndarray:
         """``(k,)`` coordinates of an embedding on the reference PCA basis (what drift detection compares)."""

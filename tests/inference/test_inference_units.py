@@ -251,7 +251,7 @@ def test_workers_import_only_the_image_dependencies() -> None:
     imported = {m for m in out if not m.startswith("_") and m != "cython_runtime"}
     assert "torch" not in imported
     assert imported == {"PIL", "click", "gunicorn", "httptools", "inference_image", "lesionml", "numpy",
-                        "onnxruntime", "simplejpeg", "uvicorn", "uvicorn_worker", "uvloop"}
+                        "onnxruntime", "orjson", "simplejpeg", "uvicorn", "uvicorn_worker", "uvloop"}
 
 
 def test_image_pins_are_what_the_tests_run() -> None:
