@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import gc
 import json
 import logging
 import os
@@ -255,6 +256,10 @@ def create_app(settings: Settings | None = None) -> Application:
     backend = load_backend(plan, artifacts, settings.intra_op_threads, worker_index)
     predictor = Predictor(artifacts, backend, settings)
     predictor.warm_up()
+    # Everything loaded so far lives as long as the worker: moved out of the collector's generations, it is never
+    # traversed again, so the collections that request garbage triggers stay short.
+    gc.collect()
+    gc.freeze()
     log.info("worker %d ready: model %s, runtime %s (%s), %d intra-op thread(s)", os.getpid(), artifacts.version,
              backend.name, plan.device, settings.intra_op_threads)
     return Application(predictor, settings)

@@ -21,6 +21,10 @@ from uvicorn_worker import UvicornWorker
 from inference_image.settings import Settings
 
 _settings = Settings.from_env()
+# The workers share one listening socket. A burst of new connections would otherwise all go to the first worker to
+# wake (libuv accepts until the queue is empty), and the others would idle for as long as those keep-alive
+# connections last; in single-accept mode libuv yields after each accept, so the workers take turns.
+os.environ.setdefault("UV_TCP_SINGLE_ACCEPT", "1")
 
 
 class ServingWorker(UvicornWorker):

@@ -149,8 +149,7 @@ class OODScorer:
             rules.append("blank_image")
         elif flat >= FLAT_SHARE:
             rules.append("flat_image")
-        rounded = dict(zip(z, np.round(np.fromiter(z.values(), np.float64, len(z)), 3).tolist(), strict=True))
-        return ImageEvidence(excess, excess_name, z, rules, rounded)
+        return ImageEvidence(excess, excess_name, z, rules, {k: round(v, 3) for k, v in z.items()})
 
     def score(self, embedding: np.ndarray, stats: Mapping[str, float] | ImageEvidence,
               size: tuple[int, int] = (0, 0), flat: float = 0.0) -> OODResult:

@@ -163,7 +163,7 @@ class Predictor:
             self.capture.write(records)
         return answer
 
-    def _prepare(self, d: DecodedImage, x: np.ndarray, full: np.ndarray | None) -> _Prepared:
+    def _prepare(self, d: DecodedImage, x: np.ndarray, full: tuple[np.ndarray, np.ndarray] | None) -> _Prepared:
         """The model-independent part of one image's answer: statistics, image evidence, the image block."""
         stats, flat = self.inputs.statistics(d, full)
         evidence = self.ood.image_evidence(stats, (d.width, d.height), flat)
@@ -171,28 +171,29 @@ class Predictor:
             "format": d.source_format, "mode": d.source_mode, "width": d.width, "height": d.height,
             "conversions": d.conversions,
         }
-        image_stats = dict(zip(stats, np.round(np.fromiter(stats.values(), np.float64, len(stats)), 6).tolist(),
-                               strict=True))
+        image_stats = {k: round(v, 6) for k, v in stats.items()}
         return _Prepared(d, x, stats, flat, evidence, image_block, image_stats)
 
     def _answer(
         self, p: _Prepared, probs: np.ndarray, emb: np.ndarray, with_record: bool
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The prediction block for one image, and its capture record when ``with_record``."""
-        top = int(probs.argmax())
-        # Rounded in one vectorised call per group: per-value round() calls cost ~50 us per answer.
-        rounded = np.round(probs.astype(np.float64), 6).tolist()
+        # Plain Python on the few class probabilities: after a model run every numpy call costs ~10 us (cold caches),
+        # more than these loops.
+        values = probs.tolist()
+        top = values.index(max(values))
+        rounded = [round(v, 6) for v in values]
         probabilities = dict(zip(self.classes, rounded, strict=True))
         melanoma = None
         if self.mel_index is not None:
-            pm = float(probs[self.mel_index])
+            pm = values[self.mel_index]
             threshold = self.artifacts.melanoma_threshold
             assert threshold is not None
             melanoma = {"probability": rounded[self.mel_index], "threshold": threshold, "at_risk": pm >= threshold}
         ood = self.ood.score(emb, p.evidence)
         d = p.decoded
         # What drift detection needs, in the answer itself: on AWS, Data Capture stores the answers, not our records.
-        embedding = {"pca": np.round(ood.projection, 5).tolist(), "norm": round(ood.norm, 5)}
+        embedding = {"pca": [round(v, 5) for v in ood.projection.tolist()], "norm": round(ood.norm, 5)}
         image_stats = p.image_stats
         pred = {
             "predicted_class": self.classes[top],

@@ -35,7 +35,9 @@ def statistics_from_planes(p: np.ndarray, width: int, height: int) -> dict[str, 
     return statistics_and_flatness(p, width, height)[0]
 
 
-def statistics_and_flatness(p: np.ndarray, width: int, height: int) -> tuple[dict[str, float], float]:
+def statistics_and_flatness(
+    p: np.ndarray, width: int, height: int, f: np.ndarray | None = None
+) -> tuple[dict[str, float], float]:
     """Colour statistics of the ``(3, H, W)`` planes (see :func:`statistics_from_planes`) and their flatness.
 
     Flatness is the share of pixels in the most common 8-bit luma level, counted on every 4th pixel of pictures of
@@ -47,7 +49,8 @@ def statistics_and_flatness(p: np.ndarray, width: int, height: int) -> tuple[dic
     """
     n = p.shape[1] * p.shape[2]
     rows = p.reshape(3, -1)
-    f = rows.astype(np.float32)
+    if f is None:  # the planes as float32, (3, H*W); the model input may already have made them
+        f = rows.astype(np.float32)
     sums = f.sum(axis=1)  # exact: every partial sum is an integer below 2**24 (at most 256 x 256 x 255)
     luma = _LUMA_W @ f
     mean = float(sums @ _LUMA_W) / n
@@ -98,19 +101,24 @@ class ModelInputBuilder:
         out += self.offset
         return out
 
-    def model_input(self, decoded: DecodedImage) -> tuple[np.ndarray, np.ndarray | None]:
-        """The ``(3, height, width)`` float32 model input, and the planes of the full picture when it needed no
-        resizing (then they also serve the statistics)."""
+    def model_input(self, decoded: DecodedImage) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+        """The ``(3, height, width)`` float32 model input, and when the picture needed no resizing its planes as
+        uint8 and as float32 ``(3, H*W)`` (the statistics reuse both)."""
         spec = self.spec
         w, h = decoded.size
         full = (w, h) == (spec.width, spec.height) and (
             spec.resize == "stretch" or crop_box_for_aspect(w, h, spec.width, spec.height) == (0, 0, w, h))
         if full:  # already the model's size: no Pillow image needed at all
             p = planes_from_array(decoded.pixels)
-            return self.normalise(p), p
+            f = p.reshape(3, -1).astype(np.float32)
+            x = f.reshape(p.shape) * self.scale
+            x += self.offset
+            return x, (p, f)
         return self.normalise(planes(resize_for_model(decoded.image, spec))), None
 
-    def statistics(self, decoded: DecodedImage, full_planes: np.ndarray | None) -> tuple[dict[str, float], float]:
+    def statistics(
+        self, decoded: DecodedImage, full: tuple[np.ndarray, np.ndarray] | None
+    ) -> tuple[dict[str, float], float]:
         """The reference's image statistics of the decoded picture (reported at its full-scale size), and its
         flatness; both on the picture reduced to at most 256 px a side, as the reference does."""
         width, height = decoded.size
@@ -119,8 +127,9 @@ class ModelInputBuilder:
             small = decoded.image.resize((max(1, round(width * s)), max(1, round(height * s))),
                                          Image.Resampling.BILINEAR)
             return statistics_and_flatness(planes(small), decoded.width, decoded.height)
-        p = full_planes if full_planes is not None else planes_from_array(decoded.pixels)
-        return statistics_and_flatness(p, decoded.width, decoded.height)
+        if full is not None:
+            return statistics_and_flatness(full[0], decoded.width, decoded.height, full[1])
+        return statistics_and_flatness(planes_from_array(decoded.pixels), decoded.width, decoded.height)
 
     def build(self, decoded: DecodedImage) -> tuple[np.ndarray, dict[str, float]]:
         """Model input and image statistics."""

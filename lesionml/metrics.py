@@ -140,6 +140,67 @@ def choose_threshold(y_binary: np.ndarray, scores: np.ndarray, target_sensitivit
     return float(thr[idx])
 
 
+def apply_class_bias(probs: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """softmax(logits + bias) from softmax(logits): the output of a model whose classifier bias grew by ``bias``."""
+    z = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-30, None)) + bias
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def tune_class_bias(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    grid: Sequence[float] = tuple(np.round(np.arange(-1.5, 1.501, 0.1), 1)),
+    sweeps: int = 2,
+    min_gain: float = 0.002,
+    min_support: int = 10,
+    start: np.ndarray | None = None,
+) -> tuple[np.ndarray, float, float]:
+    """Per-class logit offsets that raise balanced accuracy (mean recall) on held-out data.
+
+    The multi-class counterpart of choosing a decision threshold on validation data: the arg-max of
+    ``logits + bias`` trades recall between classes. Coordinate ascent over ``grid``, ``sweeps`` passes over the
+    classes present in ``y_true``; a change is kept only when it gains at least ``min_gain`` (or gains nothing with
+    a smaller offset), so that a few borderline images of a small class do not move its offset. Classes with fewer
+    than ``min_support`` images keep their starting offset: their recall moves in steps too coarse to tune on.
+
+    ``start`` (default 0) is where the search starts and what ``grid`` is relative to: for a model trained with
+    the plain (unweighted) loss, ``-log(training prior)`` turns its posterior into the balanced-error decision
+    (logit adjustment), and the search refines it.
+
+    Returns
+    -------
+    (np.ndarray, float, float)
+        The ``(C,)`` offsets (0 for classes absent from ``y_true``), and the balanced accuracy before and after.
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    num_classes = probs.shape[1]
+    logp = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-30, None))
+
+    def score(offsets: np.ndarray) -> float:
+        return balanced_accuracy(confusion_matrix(y, np.argmax(logp + offsets, axis=1), num_classes))
+
+    origin = np.zeros(num_classes) if start is None else np.asarray(start, dtype=np.float64)
+    bias = origin.copy()
+    initial = best = score(bias)
+    if math.isnan(initial):
+        return bias, initial, initial
+    for _ in range(sweeps):
+        changed = False
+        counts = np.bincount(y, minlength=num_classes)
+        for c in np.flatnonzero(counts >= min_support):
+            trial = bias.copy()
+            for v in grid:
+                trial[c] = origin[c] + v
+                s = score(trial)
+                if s >= best + min_gain or (s >= best and abs(v) < abs(bias[c] - origin[c])):
+                    best, bias[c], changed = s, origin[c] + v, True
+        if not changed:
+            break
+    return bias, initial, best
+
+
 def reliability_bins(
     y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ import copy
 import logging
 import os
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,10 +241,57 @@ def load_torchscript(path: str | os.PathLike[str], map_location: str | torch.dev
     return module.eval()
 
 
-def freeze_backbone(model: LesionNet, frozen: bool) -> None:
-    """Freeze or unfreeze the backbone's parameters (the head always trains)."""
-    for p in model.backbone.parameters():
-        p.requires_grad_(not frozen)
+def leading_backbone_params(model: LesionNet, trainable_from: str) -> frozenset[str]:
+    """Names of the backbone parameters registered before the first one under ``trainable_from``.
+
+    Parameters
+    ----------
+    model : LesionNet
+        The network.
+    trainable_from : str
+        A backbone layer name (a parameter-name prefix on a dot boundary, e.g. ``net._blocks.3`` for
+        EfficientNet-Lite0, ``features.3`` for torchvision's EfficientNets and MobileNets, ``layer2`` for
+        ResNet50); empty for none.
+
+    Returns
+    -------
+    frozenset of str
+        Parameters to keep at their pretrained values for the whole run. The backbones register their layers
+        in forward order, so these are the early, high-resolution layers, whose backward pass costs the most
+        per parameter.
+
+    Raises
+    ------
+    ValueError
+        When ``trainable_from`` names no backbone layer.
+    """
+    if not trainable_from:
+        return frozenset()
+    names = [n for n, _ in model.backbone.named_parameters()]
+    for i, name in enumerate(names):
+        if name == trainable_from or name.startswith(trainable_from + "."):
+            return frozenset(names[:i])
+    layers = list(dict.fromkeys(".".join(n.split(".")[:3 if n.startswith("net.") else 2]) for n in names))
+    raise ValueError(
+        f"trainable_from={trainable_from!r} names no backbone layer; this backbone's layers are "
+        + ", ".join(layers[:40]) + (" ..." if len(layers) > 40 else "")
+    )
+
+
+def freeze_backbone(model: LesionNet, frozen: bool, always_frozen: Collection[str] = ()) -> None:
+    """Freeze or unfreeze the backbone's parameters (the head always trains; ``always_frozen`` never does)."""
+    for name, p in model.backbone.named_parameters():
+        p.requires_grad_(not frozen and name not in always_frozen)
+
+
+def fixed_norm_layers(model: LesionNet, always_frozen: Collection[str]) -> list[nn.Module]:
+    """Backbone norm layers whose parameters are all in ``always_frozen``: they keep their running statistics."""
+    out: list[nn.Module] = []
+    for mname, module in model.backbone.named_modules():
+        own = [f"{mname}.{pname}" if mname else pname for pname, _ in module.named_parameters(recurse=False)]
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and own and all(n in always_frozen for n in own):
+            out.append(module)
+    return out
 
 
 def param_groups(model: LesionNet, lr: float, backbone_lr_scale: float, weight_decay: float) -> list[dict[str, Any]]:

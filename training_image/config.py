@@ -70,6 +70,13 @@ def _parse_float(v: str) -> float:
     return f
 
 
+def _parse_layer_name(v: str) -> str:
+    s = v.strip()
+    if s and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", s):
+        raise ValueError("expected a dotted layer name such as net._blocks.3")
+    return s
+
+
 def _parse_image_size(v: str) -> tuple[int, int]:
     """``"200x150"`` (width x height, like PIL and HAM10000) or ``"224"`` (square); returns (height, width)."""
     m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", v)
@@ -147,6 +154,12 @@ HYPERPARAMETERS: dict[str, HP] = {
     "freeze_epochs": HP(
         _parse_int, "1", "epochs training only the head on a frozen backbone", lambda v: v >= 0, "must be >= 0"
     ),
+    "trainable_from": HP(
+        _parse_layer_name, "",
+        "first backbone layer that fine-tunes (e.g. net._blocks.3 for efficientnet_lite0, features.3 for "
+        "torchvision EfficientNets/MobileNets, layer2 for resnet50); the layers before it keep their ImageNet "
+        "weights. Empty: the whole backbone fine-tunes",
+    ),
     "image_size": HP(_parse_image_size, "200x150", "model input, WIDTHxHEIGHT or a single number"),
     "label_set": HP(_optional_label_set, "", "ham7 or isic8; empty takes the manifests' classes.json"),
     "seed": HP(_parse_int, "42", "random seed"),
@@ -161,7 +174,12 @@ HYPERPARAMETERS: dict[str, HP] = {
     "max_train_images": HP(
         _parse_int, "0", "cap on training images, stratified (0 = all)", lambda v: v >= 0, "must be >= 0"
     ),
-    "imbalance": HP(_choice("loss", "sampler", "none"), "loss", "class-weighted loss or class-balanced sampling"),
+    "imbalance": HP(
+        _choice("loss", "sampler", "logit_adjusted", "none"),
+        "none",
+        "class-weighted loss, class-balanced sampling, logit-adjusted loss (cross-entropy on logits + log prior: the "
+        "model's own arg-max targets balanced accuracy), or plain cross-entropy (class_bias starts from -log prior)",
+    ),
     "label_smoothing": HP(
         _parse_float, "0.0", "cross-entropy label smoothing", lambda v: 0 <= v < 1, "must be in [0, 1)"
     ),
@@ -172,6 +190,12 @@ HYPERPARAMETERS: dict[str, HP] = {
     "melanoma_target_sensitivity": HP(
         _parse_float, "0", "threshold policy: 0 = Youden's J on validation, else the validation sensitivity to reach",
         lambda v: 0 <= v < 1, "must be in [0, 1)",
+    ),
+    "class_bias": HP(
+        _choice("validation", "none"),
+        "validation",
+        "validation: per-class offsets added to the classifier's bias, chosen on the validation split to raise its "
+        "balanced accuracy (the multi-class counterpart of the melanoma threshold); none: plain arg-max",
     ),
     "cache_images": HP(_choice("auto", "true", "false"), "auto", "keep decoded images in memory"),
     "reference_max_images": HP(
@@ -197,6 +221,7 @@ class Config:
     weight_decay: float
     warmup_epochs: float
     freeze_epochs: int
+    trainable_from: str
     image_size: tuple[int, int]  # (height, width)
     label_set: str
     seed: int
@@ -211,6 +236,7 @@ class Config:
     dropout: float
     min_crop_scale: float
     melanoma_target_sensitivity: float
+    class_bias: str
     cache_images: str
     reference_max_images: int
     threads: int

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance
+from PIL import Image
 from torch.utils.data import Dataset
 
 from lesionml.labels import class_index, classes_for, parse_classes_document
@@ -157,19 +157,44 @@ class TrainImages:
         return Image.fromarray(pixels)
 
 
-def _shift_hue(img: Image.Image, shift: float) -> Image.Image:
-    hsv = np.asarray(img.convert("HSV")).copy()
-    hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(round(shift * 255))) % 256
-    return Image.fromarray(hsv, "HSV").convert("RGB")
+# ITU-R BT.601 luma (what PIL's "L" conversion and ImageEnhance use) and the RGB <-> YIQ transform; a hue shift is
+# a rotation of the (I, Q) chroma plane, so with brightness, contrast and saturation it makes one affine colour map.
+_LUMA = np.array([0.299, 0.587, 0.114])
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_INV = np.linalg.inv(_YIQ)
+
+
+def colour_transform(rng: np.random.Generator, mean_luma: float) -> tuple[np.ndarray, np.ndarray]:
+    """A random colour jitter as ``rgb' = M @ rgb + t`` (0-255 scale).
+
+    Brightness, contrast (around the image's mean luma) and saturation in [0.8, 1.2], and half the time a hue
+    rotation of up to +-3 % of the circle: the dermatoscope and lighting differences seen across HAM10000's
+    sources. The same operations as PIL's ``ImageEnhance`` chain, composed into one 3x3 map instead of four passes
+    over the pixels (and one HSV round trip): about 10x cheaper per image, which is data loading the CPU no longer
+    does between training steps.
+    """
+    brightness, contrast, saturation = rng.uniform(0.8, 1.2, size=3)
+    m = np.eye(3) * saturation + (1 - saturation) * np.outer(np.ones(3), _LUMA)
+    if rng.random() < 0.5:
+        angle = 2 * np.pi * rng.uniform(-0.03, 0.03)
+        cos, sin = np.cos(angle), np.sin(angle)
+        rotation = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
+        m = _YIQ_INV @ rotation @ _YIQ @ m
+    # Saturation and hue keep greys grey (M @ 1 = 1), so contrast's grey level passes through them unchanged.
+    matrix = contrast * brightness * m
+    offset = np.full(3, (1 - contrast) * brightness * mean_luma)
+    return matrix, offset
 
 
 def augment(img: Image.Image, rng: np.random.Generator, height: int, width: int, min_scale: float) -> Image.Image:
-    """Dermoscopy augmentation: dihedral symmetry, random resized crop, colour jitter.
+    """Dermoscopy geometry augmentation: dihedral symmetry and a random resized crop.
 
-    Lesions have no canonical orientation, so all eight flips/rotations are label-preserving; colour jitter
-    covers differences between dermatoscopes and lighting.
+    Lesions have no canonical orientation, so flips and rotations are label-preserving. For a non-square input only
+    the four that keep the aspect ratio are used (flips and 180 degrees): a 90-degree turn of a 4:3 picture leaves
+    a 3:4 one, from which a 4:3 crop keeps barely half of the lesion's surroundings. Colour jitter comes after, on
+    the model input (:func:`colour_transform`).
     """
-    k = int(rng.integers(4))
+    k = int(rng.integers(4)) if width == height else 2 * int(rng.integers(2))
     if k:
         img = img.transpose((Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)[k - 1])
     if rng.random() < 0.5:
@@ -188,13 +213,26 @@ def augment(img: Image.Image, rng: np.random.Generator, height: int, width: int,
             break
     if box is None:
         box = crop_box_for_aspect(w0, h0, width, height)
-    img = img.resize((width, height), Image.Resampling.BILINEAR, box=box)
-    img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.8, 1.2))
-    img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.8, 1.2))
-    img = ImageEnhance.Color(img).enhance(rng.uniform(0.8, 1.2))
-    if rng.random() < 0.5:
-        img = _shift_hue(img, rng.uniform(-0.03, 0.03))
-    return img
+    return img.resize((width, height), Image.Resampling.BILINEAR, box=box)
+
+
+def jitter_and_normalise(pixels: np.ndarray, rng: np.random.Generator, spec: PreprocessingSpec) -> np.ndarray:
+    """``(H, W, 3)`` uint8 pixels to the normalised float32 ``(3, H, W)`` model input after a random colour jitter.
+
+    The result is clipped to the 0-255 range before normalising, as a jittered 8-bit image would be.
+    """
+    h, w, _ = pixels.shape
+    planes = pixels.reshape(-1, 3).T.astype(np.float32)  # (3, H*W)
+    mean_luma = float(_LUMA @ planes.mean(axis=1))
+    matrix, offset = colour_transform(rng, mean_luma)
+    out = matrix.astype(np.float32) @ planes
+    out += offset.astype(np.float32)[:, None]
+    np.clip(out, 0.0, 255.0, out=out)
+    # (v / scale - mean) / std as one multiply-add per value.
+    std = np.asarray(spec.std, dtype=np.float64)
+    out *= (1.0 / (spec.scale * std)).astype(np.float32)[:, None]
+    out += (-np.asarray(spec.mean, dtype=np.float64) / std).astype(np.float32)[:, None]
+    return out.reshape(3, h, w)
 
 
 class TrainDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -213,7 +251,8 @@ class TrainDataset(Dataset[tuple[torch.Tensor, int]]):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         rng = np.random.default_rng((self.seed, self.epoch, i))
         img = augment(self.images.get(i), rng, self.spec.height, self.spec.width, self.min_scale)
-        return torch.from_numpy(normalise(np.asarray(img), self.spec)), self.images.samples[i].label
+        x = jitter_and_normalise(np.asarray(img), rng, self.spec)
+        return torch.from_numpy(x), self.images.samples[i].label
 
 
 class EvalImages:

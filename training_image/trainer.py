@@ -13,7 +13,7 @@ import signal
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +25,22 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from lesionml.labels import classes_document, melanoma_index, parse_classes_document
-from lesionml.metrics import balanced_accuracy, choose_threshold, confusion_matrix, evaluate_split, macro_auc_ovr
+from lesionml.metrics import (
+    apply_class_bias,
+    balanced_accuracy,
+    choose_threshold,
+    confusion_matrix,
+    evaluate_split,
+    macro_auc_ovr,
+    tune_class_bias,
+)
 from lesionml.models import (
     LesionNet,
     build_model,
     export_torchscript,
+    fixed_norm_layers,
     freeze_backbone,
+    leading_backbone_params,
     load_torchscript,
     param_groups,
 )
@@ -429,6 +439,7 @@ def train_epoch(
     channels_last: bool,
     steps: int,
     progress: Callable[[int, int, Callable[[], float]], None] | None = None,
+    always_frozen: Collection[str] = (),
 ) -> dict[str, float]:
     """One pass of the project's training loop (also what benchmarks/training/throughput.py times).
 
@@ -448,17 +459,22 @@ def train_epoch(
         Stop after this many batches.
     progress : callable, optional
         Called after each step with (step, images seen, a function returning the mean loss so far).
+    always_frozen : collection of str
+        Backbone parameters that never train (``trainable_from``); their norm layers keep running statistics.
 
     Returns
     -------
     dict
         Mean loss, accuracy and images per second of this process.
     """
-    freeze_backbone(model, frozen)
+    freeze_backbone(model, frozen, always_frozen)
     model.train()
     if frozen:
         # Frozen BatchNorm statistics: the backbone stays exactly the pretrained feature extractor.
         model.backbone.eval()
+    else:
+        for layer in fixed_norm_layers(model, always_frozen):
+            layer.eval()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     params = [p for p in model.parameters() if p.requires_grad]
     loss_sum = torch.zeros((), device=device)
@@ -504,6 +520,26 @@ def train_epoch(
     }
 
 
+class LogitAdjustedLoss(nn.Module):
+    """Cross-entropy on ``logits + log(prior)`` (Menon et al., 2021, "Long-tail learning via logit adjustment").
+
+    The training prior is added inside the loss only, so the network's own logits learn the prior-free part: their
+    arg-max aims at balanced accuracy while every class keeps its full share of the gradient signal (a class-
+    weighted loss instead multiplies the rare classes' few, noisy gradients by up to ~60 on HAM10000).
+    """
+
+    def __init__(self, counts: np.ndarray, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        prior = np.maximum(counts.astype(np.float64), 1.0) / max(float(counts.sum()), 1.0)
+        self.register_buffer("log_prior", torch.as_tensor(np.log(prior), dtype=torch.float32))
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean loss of a batch."""
+        log_prior: torch.Tensor = self.log_prior
+        return nn.functional.cross_entropy(logits + log_prior, target, label_smoothing=self.label_smoothing)
+
+
 class Trainer:
     """One training job."""
 
@@ -514,6 +550,8 @@ class Trainer:
         self.rt = setup_runtime(cfg, cluster)
         self.epochs = 1 if cfg.dry_run else cfg.epochs
         self.max_steps = 1 if cfg.dry_run else 0
+        self.always_frozen: frozenset[str] = frozenset()
+        self.bias_start: np.ndarray | None = None
         if not self.rt.is_main:
             logging.getLogger().setLevel(logging.WARNING)
 
@@ -551,6 +589,12 @@ class Trainer:
 
         counts = class_counts(data.train, len(data.classes))
         weights = balanced_weights(counts)
+        if cfg.imbalance == "none":
+            # Plain cross-entropy learns the training prior; dividing it out (logit adjustment) is where the
+            # class-bias search for balanced accuracy starts.
+            present = counts > 0
+            self.bias_start = np.where(present, -np.log(np.maximum(counts, 1) / counts.sum()), 0.0)
+            self.bias_start[present] -= self.bias_start[present].mean()
         train_ds = TrainDataset(train_images, spec, cfg.seed, cfg.min_crop_scale)
         sample_w = weights[[s.label for s in data.train]] if cfg.imbalance == "sampler" else None
         sampler = _ShardedSampler(len(train_ds), sample_w, cfg.seed, rt.rank, rt.world_size)
@@ -560,6 +604,16 @@ class Trainer:
         val_loader = _loader(EvalDataset(val_images, spec), cfg.eval_batch_size, None, workers, rt.device)
         steps_per_epoch = min(len(train_loader), self.max_steps) if self.max_steps else len(train_loader)
 
+        try:
+            self.always_frozen = leading_backbone_params(model, cfg.trainable_from)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.always_frozen:
+            n_frozen = sum(p.numel() for n, p in model.backbone.named_parameters() if n in self.always_frozen)
+            log.info("trainable_from %s: %d backbone tensors (%d parameters) before it keep their pretrained values",
+                     cfg.trainable_from, len(self.always_frozen), n_frozen)
+        # Before any DDP wrapper is built: DDP only expects gradients for parameters that require them then.
+        freeze_backbone(model, False, self.always_frozen)
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         model = model.to(rt.device).to(memory_format=fmt)
         groups = param_groups(model, cfg.lr, cfg.backbone_lr_scale, cfg.weight_decay)
@@ -567,7 +621,9 @@ class Trainer:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(groups, steps_per_epoch, cfg, self.epochs))
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and rt.device.type == "cuda" else None
         class_w = torch.as_tensor(weights, dtype=torch.float32, device=rt.device) if cfg.imbalance == "loss" else None
-        loss_fn = nn.CrossEntropyLoss(weight=class_w, label_smoothing=cfg.label_smoothing)
+        loss_fn: nn.Module = nn.CrossEntropyLoss(weight=class_w, label_smoothing=cfg.label_smoothing)
+        if cfg.imbalance == "logit_adjusted":
+            loss_fn = LogitAdjustedLoss(counts, cfg.label_smoothing).to(rt.device)
 
         ckpt = self.paths.checkpoint_dir / CHECKPOINT_NAME
         fingerprint = _fingerprint(cfg, data.classes)
@@ -610,24 +666,29 @@ class Trainer:
             thr = choose_threshold(val.labels == mel, val.probs[:, mel], cfg.melanoma_target_sensitivity)
             is_mel = val.labels == mel
             val_sens = float(((val.probs[:, mel] >= thr) & is_mel).sum() / max(1, is_mel.sum()))
+            # With a class bias to come, select epochs on the balanced accuracy it reaches: the raw arg-max's
+            # balanced accuracy mostly tracks how the classes' logits drift relative to each other.
+            score = val_bacc
+            if cfg.class_bias == "validation":
+                score = tune_class_bias(val.labels, val.probs, start=self.bias_start)[2]
             seconds = time.time() - t_epoch
             epoch_times[frozen].append(seconds)
             state.train_seconds += seconds
             record = {
                 "epoch": epoch, "frozen_backbone": frozen, "train_loss": train_stats["loss"],
                 "train_accuracy": train_stats["accuracy"], "val_loss": val.loss,
-                "val_balanced_accuracy": val_bacc, "val_macro_auc": val_auc,
+                "val_balanced_accuracy": val_bacc, "val_balanced_accuracy_with_bias": score, "val_macro_auc": val_auc,
                 "val_melanoma_sensitivity": val_sens, "lr": opt.param_groups[-1]["lr"],
                 "images_per_sec": train_stats["images_per_sec"], "epoch_seconds": seconds,
             }
             # JSON has no NaN (e.g. AUC on a validation split missing classes): store None instead.
             record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             state.history.append(record)
-            improved = val_bacc > state.best_score + 1e-9 or (
-                abs(val_bacc - state.best_score) <= 1e-9 and val.loss < state.best_loss
+            improved = score > state.best_score + 1e-9 or (
+                abs(score - state.best_score) <= 1e-9 and val.loss < state.best_loss
             )
             if improved:
-                state.best_score, state.best_loss, state.best_epoch = val_bacc, val.loss, epoch
+                state.best_score, state.best_loss, state.best_epoch = score, val.loss, epoch
                 state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                 state.stale_epochs = 0
             else:
@@ -636,8 +697,9 @@ class Trainer:
             if rt.is_main:
                 emit_metrics({k: v for k, v in record.items() if k not in ("frozen_backbone",)})
                 log.info(
-                    "epoch %d/%d done in %.1fs: validation balanced accuracy %.4f (best %.4f at epoch %d), "
-                    "total eta %s", epoch, self.epochs, seconds, val_bacc, state.best_score, state.best_epoch,
+                    "epoch %d/%d done in %.1fs: validation balanced accuracy %.4f (model selection: %.4f, best "
+                    "%.4f at epoch %d), "
+                    "total eta %s", epoch, self.epochs, seconds, val_bacc, score, state.best_score, state.best_epoch,
                     _fmt_eta(self._eta(epoch_times, epoch + 1)),
                 )
                 if not cfg.dry_run:
@@ -707,10 +769,35 @@ class Trainer:
 
         stats = train_epoch(
             model, net, frozen, loader, opt, sched, scaler, loss_fn, rt.device, dtype, self.cfg.channels_last, steps,
-            progress,
+            progress, self.always_frozen,
         )
         stats["images_per_sec"] *= rt.world_size
         return stats
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _apply_class_bias(
+        self, model: LesionNet, bias: np.ndarray, spec: PreprocessingSpec, val_images: EvalImages,
+        preds: dict[str, Predictions],
+    ) -> None:
+        """Fold ``bias`` into the classifier, rewrite ``model.pt``/``model.ts`` and update ``preds`` to match."""
+        model_dir = self.paths.model_dir
+        linear = model.head[-1]
+        assert isinstance(linear, nn.Linear) and linear.bias is not None
+        with torch.no_grad():
+            linear.bias += torch.as_tensor(bias, dtype=linear.bias.dtype, device=linear.bias.device)
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, model_dir / "model.pt")
+        export_torchscript(model, torch.zeros(1, 3, spec.height, spec.width), str(model_dir / "model.ts"))
+        # softmax(logits + bias) follows from softmax(logits) exactly; check it against the new model.ts on a batch
+        # rather than evaluating both splits again.
+        for p in preds.values():
+            p.probs = apply_class_bias(p.probs, bias).astype(p.probs.dtype)
+        n = min(len(val_images.samples), 64)
+        x = torch.stack([EvalDataset(val_images, spec)[i][0] for i in range(n)])
+        with torch.no_grad():
+            probs, _ = load_torchscript(model_dir / "model.ts").predict(x)
+        gap = float(np.abs(probs.numpy() - preds["validation"].probs[:n]).max())
+        if gap > 1e-4:
+            raise RuntimeError(f"model.ts with the class bias disagrees with the adjusted probabilities by {gap:.2e}")
 
     # ----------------------------------------------------------------------------------------------------------
     def _finish(
@@ -738,6 +825,16 @@ class Trainer:
         for name, images in (("validation", val_images), ("test", test_images)):
             loader = _loader(EvalDataset(images, spec), cfg.eval_batch_size, None, workers, rt.device)
             preds[name] = predict(fn, loader, rt.device, cfg.channels_last, None, True, mb)
+        class_bias, bias_scores = np.zeros(len(data.classes)), None
+        if cfg.class_bias == "validation" and not cfg.dry_run:
+            class_bias, before, after = tune_class_bias(
+                preds["validation"].labels, preds["validation"].probs, start=self.bias_start
+            )
+            bias_scores = {"before": before, "after": after}
+            log.info("class bias %s: validation balanced accuracy %.4f -> %.4f",
+                     np.round(class_bias, 2).tolist(), before, after)
+            if np.any(class_bias):
+                self._apply_class_bias(model, class_bias, spec, val_images, preds)
         mel = melanoma_index(data.label_set)
         val, test = preds["validation"], preds["test"]
         threshold = choose_threshold(val.labels == mel, val.probs[:, mel], cfg.melanoma_target_sensitivity)
@@ -757,6 +854,8 @@ class Trainer:
             "classes": list(data.classes),
             "architecture": cfg.arch,
             "melanoma_threshold": threshold,
+            "class_bias": dict(zip(data.classes, np.round(class_bias, 4).tolist(), strict=True)),
+            "class_bias_validation_balanced_accuracy": bias_scores,
             "n_train": len(data.train),
             "n_validation": len(val.labels),
             "n_test": len(test.labels),

@@ -180,6 +180,47 @@ def interleaved_load(ports: dict[str, int], bodies: list[bytes], concurrency: in
             for name, (lat, errors, wall) in pooled.items()}
 
 
+def _request_bytes(body: bytes) -> bytes:
+    return (b"POST /invocations HTTP/1.1\r\nHost: bench\r\nContent-Type: image/jpeg\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def _roundtrip_blocking(sock: socket.socket, reader: Any, body: bytes) -> None:
+    sock.sendall(_request_bytes(body))
+    length = 0
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    reader.read(length)
+
+
+def _roundtrip_polling(sock: socket.socket, body: bytes) -> None:
+    """One request on a non-blocking socket, spinning on recv: the client never sleeps, so its own wake-up is not
+    part of the latency (see :func:`interleaved_overhead`)."""
+    view = memoryview(_request_bytes(body))
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except BlockingIOError:
+            pass
+    buf = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        buf += chunk
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            head = buf[:end].lower()
+            at = head.find(b"content-length:")
+            length = int(head[at + 15:].split(b"\r\n", 1)[0]) if at >= 0 else 0
+            if len(buf) >= end + 4 + length:
+                return
+
+
 def interleaved_overhead(port: int, model_dir: Path, cache_dir: Path, bodies: list[bytes], rounds: int,
                          block: int, warmup: int = 10) -> dict[str, Any]:
     """Served latency at concurrency 1 against the bare ONNX Runtime forward, in alternating blocks.
@@ -187,6 +228,12 @@ def interleaved_overhead(port: int, model_dir: Path, cache_dir: Path, bodies: li
     Requests are sent back to back on one keep-alive connection (steady load at concurrency 1); the first
     ``warmup`` of each block are dropped on both sides, because a process that sat idle for a block first pays for
     its vCPU being woken and its caches refilled (~2x slower for a few requests on this VM).
+
+    Two clients take turns: a polling one (non-blocking socket, spins until the answer is in) and a blocking one
+    (sleeps in ``recv``). On this VM a process that sleeps through a ~6 ms model run is woken ~0.2 ms late (its vCPU
+    halts): measured with a trivial uvicorn app that spins 6 ms per request, the blocking client sees 0.31-0.34 ms
+    around the work and the polling one 0.13 ms (0.07 ms with no work at all). That delay is the client's, not
+    the server's, so the overhead target is judged on the polling client; both are reported.
     """
     from inference_image.artifacts import load_artifacts
     from inference_image.runtime import OnnxBackend, prepare
@@ -200,33 +247,37 @@ def interleaved_overhead(port: int, model_dir: Path, cache_dir: Path, bodies: li
     x = preprocess_batch(first, art.spec)
     for _ in range(10):
         ort.run(x)
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    reader = sock.makefile("rb")
+    blocking = socket.create_connection(("127.0.0.1", port))
+    blocking.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    reader = blocking.makefile("rb")
+    polling = socket.create_connection(("127.0.0.1", port))
+    polling.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    polling.setblocking(False)
     bare: list[float] = []
-    served: list[float] = []
+    served: dict[str, list[float]] = {"polling": [], "blocking": []}
     for r in range(rounds):
         for i in range(block):
             t0 = time.perf_counter()
             ort.run(x)
             if i >= warmup:
                 bare.append(time.perf_counter() - t0)
-        for i in range(block):
-            body = bodies[(r * block + i) % len(bodies)]
-            t0 = time.perf_counter()
-            sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: bench\r\nContent-Type: image/jpeg\r\n"
-                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            length = 0
-            while (line := reader.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            reader.read(length)
-            if i >= warmup:
-                served.append(time.perf_counter() - t0)
-    sock.close()
-    b, s = _pcts(bare), _pcts(served)
+        for name in served:
+            for i in range(block):
+                body = bodies[(r * block + i) % len(bodies)]
+                t0 = time.perf_counter()
+                if name == "polling":
+                    _roundtrip_polling(polling, body)
+                else:
+                    _roundtrip_blocking(blocking, reader, body)
+                if i >= warmup:
+                    served[name].append(time.perf_counter() - t0)
+    blocking.close()
+    polling.close()
+    b, s, sb = _pcts(bare), _pcts(served["polling"]), _pcts(served["blocking"])
     return {"bare_onnx": b, "served_c1": s, "overhead_p50": round(s["p50"] / b["p50"] - 1, 3),
-            "overhead_p50_ms": round(s["p50"] - b["p50"], 3)}
+            "overhead_p50_ms": round(s["p50"] - b["p50"], 3),
+            "served_c1_blocking_client": sb, "overhead_p50_blocking_client": round(sb["p50"] / b["p50"] - 1, 3),
+            "overhead_p50_ms_blocking_client": round(sb["p50"] - b["p50"], 3)}
 
 
 # ---------------------------------------------------------------------------------------------------- processes
@@ -346,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         "bare_onnx_p50_ms_interleaved": overhead["bare_onnx"]["p50"],
         "overhead_vs_bare_onnx": overhead["overhead_p50"],
         "overhead_ms": overhead["overhead_p50_ms"],
+        "overhead_vs_bare_onnx_blocking_client": overhead["overhead_p50_blocking_client"],
         "overhead_target_met": overhead["overhead_p50"] <= OVERHEAD_TARGET,
         "throughput_c16_rps": {k: v["throughput_rps"] for k, v in c16.items()},
         "throughput_c16_vs_naive": round(c16["served_onnx"]["throughput_rps"] / c16["naive"]["throughput_rps"], 2),

@@ -56,7 +56,7 @@ def test_sagemaker_quirks_are_accepted() -> None:
         ({"image_size": "200by150"}, "image_size='200by150' is invalid: expected WIDTHxHEIGHT"),
         ({"arch": "vgg16"}, "arch='vgg16' is invalid: expected one of resnet50"),
         ({"label_set": "ham8"}, "label_set='ham8' is invalid"),
-        ({"imbalance": "smote"}, "imbalance='smote' is invalid: expected one of loss, sampler, none"),
+        ({"imbalance": "smote"}, "imbalance='smote' is invalid: expected one of loss, sampler, logit_adjusted, none"),
         ({"learning_rate": "0.1"}, "unknown hyperparameter 'learning_rate'; known: amp, arch"),
     ],
 )

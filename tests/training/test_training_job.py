@@ -16,7 +16,7 @@ import torch
 from training_helpers import FAST_HPS, ROOT, SAMPLE, run_train
 
 from lesionml.labels import LABEL_SETS
-from lesionml.models import load_torchscript
+from lesionml.models import build_model, load_torchscript
 from lesionml.preprocessing import preprocess_batch, read_spec
 
 METRIC_DEFINITIONS = ROOT / "training_image" / "metric_definitions.json"
@@ -90,6 +90,11 @@ def test_model_directory_follows_the_contract(full_job: tuple[Path, Any, Path]) 
         assert cm.shape == (7, 7) and cm.sum() == metrics[f"n_{split}"]
         assert 0.0 <= block["balanced_accuracy"] <= 1.0
     assert metrics["n_train"] == 42 and metrics["n_test"] == 21
+    # The class bias chosen on validation is recorded and never lowers validation balanced accuracy.
+    assert set(metrics["class_bias"]) == set(LABEL_SETS["ham7"])
+    scores = metrics["class_bias_validation_balanced_accuracy"]
+    assert scores["after"] >= scores["before"]
+    assert metrics["validation"]["balanced_accuracy"] == pytest.approx(scores["after"])
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert metrics["history"][0]["frozen_backbone"] and not metrics["history"][1]["frozen_backbone"]
     classes_doc = json.loads((model_dir / "classes.json").read_text())
@@ -177,6 +182,8 @@ def test_metric_regexes_match_the_job_output(full_job: tuple[Path, Any, Path]) -
         ({"lr": "-1"}, "lr"),
         ({"arch": "vgg99"}, "arch"),
         ({"no_such_thing": "1"}, "unknown hyperparameter 'no_such_thing'"),
+        ({"trainable_from": "net blocks"}, "trainable_from"),
+        ({"trainable_from": "net._blocks.99"}, "trainable_from='net._blocks.99' names no backbone layer"),
     ],
 )
 def test_bad_hyperparameter_fails_cleanly(job_factory: Callable[..., Path], hps: dict[str, str], fragment: str) -> None:
@@ -218,7 +225,11 @@ def test_killed_job_resumes_from_the_latest_checkpoint(job_factory: Callable[...
 
 def test_two_processes_under_torchrun_rank0_writes(job_factory: Callable[..., Path]) -> None:
     # SM_NUM_GPUS=2 without CUDA: torchrun starts two CPU (gloo) ranks; only rank 0 logs metrics and writes.
-    base = job_factory("ddp", {**FAST_HPS, "epochs": "2"}, per_class=(4, 2, 2))
+    # With trainable_from, DDP must be built after the early layers are frozen, or the ranks wait for gradients
+    # that never come.
+    hps = {**FAST_HPS, "epochs": "2", "freeze_epochs": "0", "arch": "efficientnet_lite0", "pretrained": "true",
+           "trainable_from": "net._blocks.3", "imbalance": "logit_adjusted"}
+    base = job_factory("ddp", hps, per_class=(4, 2, 2))
     proc = run_train(base, env={"SM_NUM_GPUS": "2", "SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-1"})
     assert proc.returncode == 0, _fail(proc)
     assert "torch.distributed.run --nproc_per_node=2 --standalone" in proc.stdout
@@ -226,3 +237,26 @@ def test_two_processes_under_torchrun_rank0_writes(job_factory: Callable[..., Pa
     assert [int(e) for e in re.findall(r"\bepoch=(\d+);", proc.stdout)] == [1, 2]  # once, not once per rank
     metrics = json.loads((base / "model" / "metrics.json").read_text())
     assert metrics["n_train"] == 28 and metrics["epochs_run"] == 2
+
+    # The layers before trainable_from kept their ImageNet values, BatchNorm statistics included; the rest trained.
+    trained = torch.load(base / "model" / "model.pt", map_location="cpu", weights_only=True)
+    pretrained = build_model("efficientnet_lite0", 7, True, (32, 32))[0].state_dict()
+    frozen = [k for k in trained if k.startswith(("backbone.net._conv_stem", "backbone.net._bn0",
+                                                  "backbone.net._blocks.0.", "backbone.net._blocks.2."))]
+    tuned = [k for k in trained if k.startswith("backbone.net._blocks.3.") and k.endswith("weight")]
+    assert frozen and tuned
+    assert all(torch.equal(trained[k], pretrained[k]) for k in frozen if "num_batches" not in k)
+    assert not any(torch.equal(trained[k], pretrained[k]) for k in tuned)
+
+
+def test_logit_adjusted_loss_is_cross_entropy_on_prior_shifted_logits() -> None:
+    from training_image.trainer import LogitAdjustedLoss
+
+    counts = np.array([70, 20, 10])
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    target = torch.tensor([1, 2])
+    loss = LogitAdjustedLoss(counts)(logits, target)
+    shifted = logits + torch.log(torch.tensor([0.7, 0.2, 0.1]))
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(shifted, target))
+    # The rare class's logit must beat the common one's by more than their log-prior gap to win the loss.
+    assert loss > torch.nn.functional.cross_entropy(logits, target)

@@ -85,3 +85,38 @@ def test_evaluate_split_is_json_ready() -> None:
     sens, spec = M.sensitivity_specificity(y == 4, probs[:, 4], 0.2)
     assert block["melanoma_sensitivity"] == sens and block["melanoma_specificity"] == spec
     assert "NaN" not in text
+
+
+def test_class_bias_raises_balanced_accuracy_and_matches_a_shifted_softmax() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.choice(4, 2000, p=[0.7, 0.15, 0.1, 0.05])
+    logits = rng.normal(0.0, 1.0, (2000, 4))
+    logits[np.arange(2000), y] += 1.5
+    logits[:, 0] += 1.2  # a model leaning towards the majority class: rare classes lose recall
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    bias, before, after = M.tune_class_bias(y, probs)
+    assert after >= before + 0.05
+    assert bias[0] < 0  # the majority class gives way
+    adjusted = M.apply_class_bias(probs, bias)
+    shifted = np.exp(logits + bias) / np.exp(logits + bias).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(adjusted, shifted, atol=1e-12)
+    cm = M.confusion_matrix(y, adjusted.argmax(axis=1), 4)
+    assert M.balanced_accuracy(cm) == pytest.approx(after)
+
+
+def test_class_bias_stays_zero_without_a_real_gain() -> None:
+    # A perfectly separable split: nothing to gain, so no offset moves away from 0.
+    y = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.eye(3)[y] * 0.9 + 0.1 / 3
+    bias, before, after = M.tune_class_bias(y, probs, min_support=1)
+    assert before == after == 1.0
+    assert not bias.any()
+
+
+def test_class_bias_leaves_classes_with_few_images_alone() -> None:
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(200, dtype=np.int64), np.ones(5, dtype=np.int64)]
+    probs = np.c_[rng.uniform(0.5, 0.9, 205), np.zeros(205)]
+    probs[:, 1] = 1 - probs[:, 0]  # class 1 is never predicted: an offset would help, but 5 images are too few
+    bias, before, after = M.tune_class_bias(y, probs, min_support=10)
+    assert bias[1] == 0.0 and before == after == 0.5
