@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ REQUIRED_FILES: dict[str, str] = {
     "model.ts": "the TorchScript model",
     "preprocessing.json": "the evaluation transform",
     "classes.json": "the label set and class order",
-    "metrics.json": "the melanoma threshold",
+    "metrics.json": "the melanoma threshold and the decision offsets",
     "reference_stats.json": "the drift / out-of-distribution reference",
 }
 MELANOMA = "mel"
@@ -46,6 +47,9 @@ class ModelArtifacts:
         Class codes in output order.
     melanoma_threshold : float or None
         Probability of ``mel`` at or above which the image is flagged (None when the label set has no ``mel``).
+    decision_offsets : tuple of float or None
+        Per-class offsets chosen on validation: the predicted class is the arg-max of ``log p + offsets``
+        (``metrics.json``'s ``decision_offsets``). None when absent or all zero: the plain arg-max.
     reference : dict
         ``reference_stats.json``.
     model_sha256 : str
@@ -59,6 +63,7 @@ class ModelArtifacts:
     label_set: str
     classes: tuple[str, ...]
     melanoma_threshold: float | None
+    decision_offsets: tuple[float, ...] | None
     reference: dict[str, Any]
     model_sha256: str
     version: str
@@ -78,6 +83,22 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _decision_offsets(metrics: Any, classes: tuple[str, ...], root: Path) -> tuple[float, ...] | None:
+    """``metrics.json``'s ``decision_offsets``: one finite number per class, or absent (plain arg-max)."""
+    raw = metrics.get("decision_offsets") if isinstance(metrics, dict) else None
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != set(classes):
+        raise ModelDirError(f"metrics.json in {root}: decision_offsets must give each class in classes.json a number")
+    values = []
+    for c in classes:
+        v = raw[c]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ModelDirError(f"metrics.json in {root}: decision_offsets[{c!r}] is not a finite number ({v!r})")
+        values.append(float(v))
+    return tuple(values) if any(values) else None
 
 
 def load_artifacts(
@@ -132,6 +153,8 @@ def load_artifacts(
             raise ModelDirError(f"metrics.json in {root} has no melanoma_threshold in [0, 1] (got {raw!r})")
         threshold = float(raw)
 
+    offsets = _decision_offsets(metrics, classes, root)
+
     try:
         emb = reference["embedding"]
         dim = int(emb["dim"])
@@ -157,6 +180,7 @@ def load_artifacts(
         label_set=label_set,
         classes=classes,
         melanoma_threshold=threshold,
+        decision_offsets=offsets,
         reference=reference,
         model_sha256=digest,
         version=version,

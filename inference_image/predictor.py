@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import threading
 import time
 import uuid
@@ -78,6 +79,7 @@ class Predictor:
         self.inputs = ModelInputBuilder(artifacts.spec)
         self.classes = artifacts.classes
         self.mel_index = self.classes.index(MELANOMA) if MELANOMA in self.classes else None
+        self.offsets = artifacts.decision_offsets
         self.ood = OODScorer(artifacts.reference, settings.ood_embedding_threshold, settings.ood_image_threshold)
         self.capture = CaptureWriter(settings.capture_dir, settings.capture_raw) if settings.capture_dir else None
         # One model run at a time per worker: each run already uses the worker's share of the CPUs. (The uvicorn
@@ -181,7 +183,12 @@ class Predictor:
         # Plain Python on the few class probabilities: after a model run every numpy call costs ~10 us (cold caches),
         # more than these loops.
         values = probs.tolist()
-        top = values.index(max(values))
+        if self.offsets is None:
+            top = values.index(max(values))
+        else:
+            # The decision rule the training job evaluated (lesionml.metrics.decide): arg-max of log p + offsets.
+            scores = [math.log(max(v, 1e-30)) + o for v, o in zip(values, self.offsets, strict=True)]
+            top = scores.index(max(scores))
         rounded = [round(v, 6) for v in values]
         probabilities = dict(zip(self.classes, rounded, strict=True))
         melanoma = None

@@ -2,8 +2,10 @@
 
 Conventions: ``y_true`` is an int array of class indices, ``probs`` an ``(N, C)`` array of probabilities. Class-wise
 quantities that are undefined (a class absent from the split) are ``nan`` here and ``null`` in JSON; macro means
-skip them. Melanoma decisions use a probability threshold on ``P(mel)`` chosen on the validation split; every
-other decision is the arg-max.
+skip them. Melanoma decisions use a probability threshold on ``P(mel)`` chosen on the validation split; the
+predicted class is the arg-max of ``log(probs) + offsets`` (:func:`decide`), where the per-class decision offsets are
+chosen on the validation split too (:func:`tune_class_bias`; all 0 gives the plain arg-max). Probability-based
+figures (ROC-AUC, calibration) use the probabilities themselves: the offsets move decisions, not probabilities.
 """
 
 from __future__ import annotations
@@ -140,6 +142,19 @@ def choose_threshold(y_binary: np.ndarray, scores: np.ndarray, target_sensitivit
     return float(thr[idx])
 
 
+def decide(probs: np.ndarray, offsets: np.ndarray | None = None) -> np.ndarray:
+    """Predicted class indices: the arg-max of ``log(probs) + offsets`` (the plain arg-max without offsets).
+
+    The same rule as serving (``inference_image.predictor``), which applies ``metrics.json``'s
+    ``decision_offsets``.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if offsets is None or not np.any(offsets):
+        return np.asarray(p.argmax(axis=1), dtype=np.int64)
+    scores = np.log(np.clip(p, 1e-30, None)) + np.asarray(offsets, dtype=np.float64)
+    return np.asarray(scores.argmax(axis=1), dtype=np.int64)
+
+
 def apply_class_bias(probs: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """softmax(logits + bias) from softmax(logits): the output of a model whose classifier bias grew by ``bias``."""
     z = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-30, None)) + bias
@@ -231,7 +246,8 @@ def _clean(x: float) -> float | None:
 
 
 def evaluate_split(
-    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], melanoma_threshold: float, mel_index: int
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], melanoma_threshold: float, mel_index: int,
+    offsets: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The ``metrics.json`` block of one split (JSON-ready; undefined values are None).
 
@@ -247,11 +263,14 @@ def evaluate_split(
         Threshold on ``P(mel)`` chosen on validation.
     mel_index : int
         Index of the melanoma class.
+    offsets : np.ndarray, optional
+        Per-class decision offsets (:func:`decide`): they set the predicted class behind the confusion matrix,
+        balanced accuracy, accuracy and per-class figures; ROC-AUC, ECE and the melanoma figures use ``probs``.
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     num_classes = len(classes)
-    cm = confusion_matrix(y_true, probs.argmax(axis=1), num_classes)
+    cm = confusion_matrix(y_true, decide(probs, offsets), num_classes)
     precision, recall, f1, support = per_class_prf(cm)
     macro_auc, auc = macro_auc_ovr(y_true, probs)
     is_mel = y_true == mel_index

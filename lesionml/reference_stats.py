@@ -184,6 +184,7 @@ def build_reference_stats(
     pca_components: int = 16,
     sample_size: int = 500,
     seed: int = 0,
+    predicted: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Assemble the ``reference_stats.json`` document (see the module docstring).
 
@@ -205,8 +206,14 @@ def build_reference_stats(
         Which images the reference describes.
     pca_components, sample_size, seed : int
         PCA width, raw points kept per statistic, and sub-sampling seed.
+    predicted : np.ndarray, optional
+        ``(N,)`` predicted class indices under the model's decision rule (``lesionml.metrics.decide`` with its
+        decision offsets); default the arg-max of ``probs``. The predicted-class prior and the confidence (the
+        probability of the predicted class) are what serving reports for the same images.
     """
     emb = np.asarray(embeddings, dtype=np.float64)
+    p = np.asarray(probs, dtype=np.float64)
+    pred = p.argmax(axis=1) if predicted is None else np.asarray(predicted, dtype=np.int64)
     mean, comps, var, ratio = fit_pca(emb, pca_components)
     proj = (emb - mean) @ comps.T
     rng = np.random.default_rng(seed)
@@ -220,7 +227,7 @@ def build_reference_stats(
         "class_prior": {
             "train": _prior(train_labels, classes),
             "reference_true": _prior(y_true, classes),
-            "reference_predicted": _prior(np.asarray(probs).argmax(axis=1), classes),
+            "reference_predicted": _prior(pred, classes),
         },
         "embedding": {
             "dim": int(emb.shape[1]),
@@ -236,7 +243,7 @@ def build_reference_stats(
             "projections_sample": _round(proj[keep]),
             "norm": summarize(np.linalg.norm(emb, axis=1), bounded=False, sample_size=sample_size, seed=seed),
         },
-        "confidence": summarize(np.asarray(probs).max(axis=1), bounded=True, sample_size=sample_size, seed=seed),
+        "confidence": summarize(p[np.arange(len(p)), pred], bounded=True, sample_size=sample_size, seed=seed),
         "image": {
             name: summarize(
                 [s[name] for s in image_stats], bounded=name in _BOUNDED, sample_size=sample_size, seed=seed

@@ -183,6 +183,12 @@ HYPERPARAMETERS: dict[str, HP] = {
     "label_smoothing": HP(
         _parse_float, "0.0", "cross-entropy label smoothing", lambda v: 0 <= v < 1, "must be in [0, 1)"
     ),
+    "ema_decay": HP(
+        _parse_float, "0",
+        "per-step decay of an exponential moving average of the weights that is validated, selected and exported "
+        "instead of the raw weights (0 = off; e.g. 0.998 averages over roughly the last 500 steps)",
+        lambda v: 0 <= v < 1, "must be in [0, 1)",
+    ),
     "dropout": HP(_parse_float, "0.2", "dropout before the classifier", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "min_crop_scale": HP(
         _parse_float, "0.35", "smallest random-crop area fraction", lambda v: 0 < v <= 1, "must be in (0, 1]"
@@ -233,6 +239,7 @@ class Config:
     max_train_images: int
     imbalance: str
     label_smoothing: float
+    ema_decay: float
     dropout: float
     min_crop_scale: float
     melanoma_target_sensitivity: float

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -26,10 +27,10 @@ from torch.utils.data import DataLoader, Sampler
 
 from lesionml.labels import classes_document, melanoma_index, parse_classes_document
 from lesionml.metrics import (
-    apply_class_bias,
     balanced_accuracy,
     choose_threshold,
     confusion_matrix,
+    decide,
     evaluate_split,
     macro_auc_ovr,
     tune_class_bias,
@@ -195,15 +196,65 @@ class TrainState:
     train_seconds: float = 0.0
 
 
+class WeightEma:
+    """An exponential moving average of a model's weights and BatchNorm statistics (``ema_decay``).
+
+    Averaging the weights of the last few hundred steps smooths out the noise of the last mini-batches, which on a
+    small data set moves the rare classes' decision regions from one epoch to the next. The average is what is
+    validated, selected and exported; the raw weights keep training. The decay ramps up as ``(1 + n) / (10 + n)``
+    over the first updates so that the average does not start out dominated by the initial weights.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The (unwrapped) network, already on its device and in its memory format.
+    decay : float
+        Per-step decay in (0, 1).
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values(), strict=True))
+        self._floats = [(a, b) for a, b in pairs if a.dtype.is_floating_point]
+        self._others = [(a, b) for a, b in pairs if not a.dtype.is_floating_point]
+
+    def current_decay(self) -> float:
+        """The decay the next update uses."""
+        n = self.updates + 1
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move the average towards the model's current weights (call after each optimiser step)."""
+        weight = 1.0 - self.current_decay()
+        self.updates += 1
+        torch._foreach_lerp_([a for a, _ in self._floats], [b.detach() for _, b in self._floats], weight)
+        for a, b in self._others:
+            a.copy_(b)
+
+    def state_dict(self) -> dict[str, Any]:
+        """For the checkpoint."""
+        return {"updates": self.updates, "module": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.updates = int(state["updates"])
+        self.module.load_state_dict(state["module"])
+
+
 def _fingerprint(cfg: Config, classes: tuple[str, ...]) -> dict[str, Any]:
     """What must match for a checkpoint to be resumable."""
     return {"arch": cfg.arch, "classes": list(classes), "image_size": list(cfg.image_size), "epochs": cfg.epochs,
-            "freeze_epochs": cfg.freeze_epochs, "seed": cfg.seed}
+            "freeze_epochs": cfg.freeze_epochs, "seed": cfg.seed, "ema_decay": cfg.ema_decay}
 
 
 def save_checkpoint(
     path: Path, model: LesionNet, opt: torch.optim.Optimizer, sched: Any, scaler: Any, state: TrainState,
-    fingerprint: dict[str, Any],
+    fingerprint: dict[str, Any], ema: WeightEma | None = None,
 ) -> None:
     """Write the checkpoint atomically (SageMaker uploads the directory while the job runs)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,6 +265,7 @@ def save_checkpoint(
         "scheduler": sched.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "state": state.__dict__,
+        "ema": ema.state_dict() if ema is not None else None,
     }
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
@@ -222,7 +274,7 @@ def save_checkpoint(
 
 def load_checkpoint(
     path: Path, model: LesionNet, opt: torch.optim.Optimizer, sched: Any, scaler: Any,
-    fingerprint: dict[str, Any],
+    fingerprint: dict[str, Any], ema: WeightEma | None = None,
 ) -> TrainState | None:
     """Restore from ``path`` if it exists and was written by the same configuration."""
     if not path.is_file():
@@ -240,6 +292,8 @@ def load_checkpoint(
     sched.load_state_dict(payload["scheduler"])
     if scaler is not None and payload.get("scaler"):
         scaler.load_state_dict(payload["scaler"])
+    if ema is not None and payload.get("ema"):
+        ema.load_state_dict(payload["ema"])
     return TrainState(**payload["state"])
 
 
@@ -413,12 +467,27 @@ def evaluate_baseline(
         loader = _loader(EvalDataset(images, spec), cfg.eval_batch_size, None, workers, rt.device)
         out[name] = predict(fn, loader, rt.device, False, None, False, 1 if cfg.dry_run else 0)
     mel = melanoma_index(label_set)
-    threshold = choose_threshold(out["validation"].labels == mel, out["validation"].probs[:, mel],
-                                 cfg.melanoma_target_sensitivity)
-    block = evaluate_split(out["test"].labels, out["test"].probs, classes, threshold, mel)
+    val = out["validation"]
+    threshold = choose_threshold(val.labels == mel, val.probs[:, mel], cfg.melanoma_target_sensitivity)
+    # The same procedure as for the new model, on the same validation split: a threshold and, with
+    # class_bias=validation, decision offsets (searched from the ones the baseline was served with, if any).
+    offsets = np.zeros(len(classes))
+    if cfg.class_bias == "validation" and not cfg.dry_run:
+        offsets = tune_class_bias(val.labels, val.probs, start=recorded_offsets(root / "metrics.json", classes))[0]
+    block = evaluate_split(out["test"].labels, out["test"].probs, classes, threshold, mel, offsets)
     block["architecture"] = spec.arch
     block["melanoma_threshold"] = threshold
+    block["decision_offsets"] = dict(zip(classes, np.round(offsets, 4).tolist(), strict=True))
     return block
+
+
+def recorded_offsets(metrics_path: Path, classes: tuple[str, ...]) -> np.ndarray:
+    """The ``decision_offsets`` a model directory's ``metrics.json`` records (0 where absent or unreadable)."""
+    try:
+        recorded = json.loads(metrics_path.read_text()).get("decision_offsets") or {}
+        return np.array([float(recorded.get(c, 0.0)) for c in classes])
+    except (OSError, ValueError, AttributeError, TypeError):
+        return np.zeros(len(classes))
 
 
 def _mean(total: torch.Tensor, n: int) -> float:
@@ -440,6 +509,7 @@ def train_epoch(
     steps: int,
     progress: Callable[[int, int, Callable[[], float]], None] | None = None,
     always_frozen: Collection[str] = (),
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """One pass of the project's training loop (also what benchmarks/training/throughput.py times).
 
@@ -461,6 +531,8 @@ def train_epoch(
         Called after each step with (step, images seen, a function returning the mean loss so far).
     always_frozen : collection of str
         Backbone parameters that never train (``trainable_from``); their norm layers keep running statistics.
+    after_step : callable, optional
+        Called after each optimiser step (the weight average's update).
 
     Returns
     -------
@@ -506,6 +578,8 @@ def train_epoch(
             nn.utils.clip_grad_norm_(params, 5.0)
             opt.step()
         sched.step()
+        if after_step is not None:
+            after_step()
         # Accumulate on the device: an .item() per step would synchronise CUDA every iteration.
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
@@ -552,6 +626,7 @@ class Trainer:
         self.max_steps = 1 if cfg.dry_run else 0
         self.always_frozen: frozenset[str] = frozenset()
         self.bias_start: np.ndarray | None = None
+        self.ema: WeightEma | None = None
         if not self.rt.is_main:
             logging.getLogger().setLevel(logging.WARNING)
 
@@ -625,9 +700,11 @@ class Trainer:
         if cfg.imbalance == "logit_adjusted":
             loss_fn = LogitAdjustedLoss(counts, cfg.label_smoothing).to(rt.device)
 
+        # Built from the model as it is now (pretrained weights, device, memory format); a checkpoint overwrites both.
+        self.ema = WeightEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         ckpt = self.paths.checkpoint_dir / CHECKPOINT_NAME
         fingerprint = _fingerprint(cfg, data.classes)
-        state = None if cfg.dry_run else load_checkpoint(ckpt, model, opt, sched, scaler, fingerprint)
+        state = None if cfg.dry_run else load_checkpoint(ckpt, model, opt, sched, scaler, fingerprint, self.ema)
         if state is not None:
             log.info("resumed from checkpoint %s: epoch %d of %d done, continuing at epoch %d",
                      ckpt, state.epoch, self.epochs, state.epoch + 1)
@@ -657,8 +734,10 @@ class Trainer:
                 model, wrapped_head if frozen else wrapped_full, frozen, train_loader, opt, sched, scaler, loss_fn,
                 dtype, epoch, steps_per_epoch, epoch_times,
             )
+            # With ema_decay, the weight average is what is validated, selected and exported.
+            judged: LesionNet = self.ema.module if self.ema is not None else model  # type: ignore[assignment]
             model.eval()
-            val = predict(model.predict, val_loader, rt.device, cfg.channels_last, dtype, False, self.max_steps)
+            val = predict(judged.predict, val_loader, rt.device, cfg.channels_last, dtype, False, self.max_steps)
             cm = confusion_matrix(val.labels, val.probs.argmax(1), len(data.classes))
             val_bacc = balanced_accuracy(cm)
             val_auc, _ = macro_auc_ovr(val.labels, val.probs)
@@ -689,7 +768,7 @@ class Trainer:
             )
             if improved:
                 state.best_score, state.best_loss, state.best_epoch = score, val.loss, epoch
-                state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in judged.state_dict().items()}
                 state.stale_epochs = 0
             else:
                 state.stale_epochs += 1
@@ -703,7 +782,7 @@ class Trainer:
                     _fmt_eta(self._eta(epoch_times, epoch + 1)),
                 )
                 if not cfg.dry_run:
-                    save_checkpoint(ckpt, model, opt, sched, scaler, state, fingerprint)
+                    save_checkpoint(ckpt, model, opt, sched, scaler, state, fingerprint, self.ema)
                     log.info("checkpoint saved: %s (epoch %d)", ckpt, epoch)
             if stop_after and epoch == stop_after and rt.is_main:
                 log.warning("%s=%d: killing the job after this checkpoint", STOP_AFTER_EPOCH_ENV, stop_after)
@@ -769,35 +848,10 @@ class Trainer:
 
         stats = train_epoch(
             model, net, frozen, loader, opt, sched, scaler, loss_fn, rt.device, dtype, self.cfg.channels_last, steps,
-            progress, self.always_frozen,
+            progress, self.always_frozen, self.ema.update if self.ema is not None else None,
         )
         stats["images_per_sec"] *= rt.world_size
         return stats
-
-    # ----------------------------------------------------------------------------------------------------------
-    def _apply_class_bias(
-        self, model: LesionNet, bias: np.ndarray, spec: PreprocessingSpec, val_images: EvalImages,
-        preds: dict[str, Predictions],
-    ) -> None:
-        """Fold ``bias`` into the classifier, rewrite ``model.pt``/``model.ts`` and update ``preds`` to match."""
-        model_dir = self.paths.model_dir
-        linear = model.head[-1]
-        assert isinstance(linear, nn.Linear) and linear.bias is not None
-        with torch.no_grad():
-            linear.bias += torch.as_tensor(bias, dtype=linear.bias.dtype, device=linear.bias.device)
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, model_dir / "model.pt")
-        export_torchscript(model, torch.zeros(1, 3, spec.height, spec.width), str(model_dir / "model.ts"))
-        # softmax(logits + bias) follows from softmax(logits) exactly; check it against the new model.ts on a batch
-        # rather than evaluating both splits again.
-        for p in preds.values():
-            p.probs = apply_class_bias(p.probs, bias).astype(p.probs.dtype)
-        n = min(len(val_images.samples), 64)
-        x = torch.stack([EvalDataset(val_images, spec)[i][0] for i in range(n)])
-        with torch.no_grad():
-            probs, _ = load_torchscript(model_dir / "model.ts").predict(x)
-        gap = float(np.abs(probs.numpy() - preds["validation"].probs[:n]).max())
-        if gap > 1e-4:
-            raise RuntimeError(f"model.ts with the class bias disagrees with the adjusted probabilities by {gap:.2e}")
 
     # ----------------------------------------------------------------------------------------------------------
     def _finish(
@@ -825,20 +879,24 @@ class Trainer:
         for name, images in (("validation", val_images), ("test", test_images)):
             loader = _loader(EvalDataset(images, spec), cfg.eval_batch_size, None, workers, rt.device)
             preds[name] = predict(fn, loader, rt.device, cfg.channels_last, None, True, mb)
-        class_bias, bias_scores = np.zeros(len(data.classes)), None
+        # Decision offsets, not a change to the classifier: model.ts keeps its calibrated probabilities (adding the
+        # offsets to the logits would cost ROC-AUC and calibration), and the predicted class is the arg-max of
+        # log p + offsets, in these metrics as in serving, which reads them from metrics.json.
+        offsets, offset_scores = np.zeros(len(data.classes)), None
         if cfg.class_bias == "validation" and not cfg.dry_run:
-            class_bias, before, after = tune_class_bias(
+            offsets, before, after = tune_class_bias(
                 preds["validation"].labels, preds["validation"].probs, start=self.bias_start
             )
-            bias_scores = {"before": before, "after": after}
-            log.info("class bias %s: validation balanced accuracy %.4f -> %.4f",
-                     np.round(class_bias, 2).tolist(), before, after)
-            if np.any(class_bias):
-                self._apply_class_bias(model, class_bias, spec, val_images, preds)
+            offset_scores = {"before": before, "after": after}
+            log.info("decision offsets %s: validation balanced accuracy %.4f -> %.4f",
+                     np.round(offsets, 2).tolist(), before, after)
+        offsets = np.round(offsets, 4)
         mel = melanoma_index(data.label_set)
         val, test = preds["validation"], preds["test"]
         threshold = choose_threshold(val.labels == mel, val.probs[:, mel], cfg.melanoma_target_sensitivity)
-        blocks = {n: evaluate_split(p.labels, p.probs, data.classes, threshold, mel) for n, p in preds.items()}
+        blocks = {
+            n: evaluate_split(p.labels, p.probs, data.classes, threshold, mel, offsets) for n, p in preds.items()
+        }
 
         baseline, baseline_error = None, None
         channel = paths.channel("baseline")
@@ -854,8 +912,8 @@ class Trainer:
             "classes": list(data.classes),
             "architecture": cfg.arch,
             "melanoma_threshold": threshold,
-            "class_bias": dict(zip(data.classes, np.round(class_bias, 4).tolist(), strict=True)),
-            "class_bias_validation_balanced_accuracy": bias_scores,
+            "decision_offsets": dict(zip(data.classes, offsets.tolist(), strict=True)),
+            "decision_offsets_validation_balanced_accuracy": offset_scores,
             "n_train": len(data.train),
             "n_validation": len(val.labels),
             "n_test": len(test.labels),
@@ -885,7 +943,7 @@ class Trainer:
             ref_stats = [ref_stats[i] for i in keep]
         reference = build_reference_stats(
             ref_emb, ref_probs, ref_labels, ref_stats, np.array([s.label for s in data.train]), data.label_set,
-            data.classes, seed=cfg.seed,
+            data.classes, seed=cfg.seed, predicted=decide(ref_probs, offsets),
         )
         _json_dump(model_dir / "reference_stats.json", reference)
 

@@ -18,6 +18,7 @@ from inference_image.artifacts import ModelDirError, load_artifacts
 from inference_image.capture import CaptureWriter
 from inference_image.imaging import DecodedImage, ImageRequestError, decode_image
 from inference_image.ood import OODScorer
+from inference_image.predictor import Predictor
 from inference_image.settings import Settings, SettingsError
 from inference_image.transform import ModelInputBuilder, planes_from_array, statistics_and_flatness
 from lesionml.preprocessing import PreprocessingSpec, normalise, resize_for_model
@@ -222,6 +223,47 @@ def test_model_directory_checks(model_dir: Path, tmp_path: Path) -> None:
     (broken / "model.ts").unlink()
     with pytest.raises(ModelDirError, match="missing model.ts .* preprocessing.json"):
         load_artifacts(broken)
+
+
+class _FixedBackend:
+    """A model stand-in that answers the same probabilities for every image."""
+
+    name = "fixed"
+
+    def __init__(self, probs: list[float], dim: int) -> None:
+        self.probs = np.asarray([probs], dtype=np.float32)
+        self.emb = np.zeros((1, dim), dtype=np.float32)
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.probs, self.emb
+
+
+def test_predicted_class_follows_the_decision_offsets(model_dir: Path, tmp_path: Path) -> None:
+    art = load_artifacts(model_dir)
+    assert art.decision_offsets is None  # the factory's metrics.json has none: plain arg-max
+    backend = _FixedBackend([0.05, 0.05, 0.1, 0.05, 0.2, 0.5, 0.05], art.reference["embedding"]["dim"])
+    settings = Settings.from_env({})
+    image = sample_image()
+    plain = Predictor(art, backend, settings).predict([image], capture=False)["predictions"][0]
+    assert (plain["predicted_class"], plain["confidence"]) == ("nv", 0.5)
+
+    # log 0.2 + 1.0 = -0.61 beats log 0.5 - 0.5 = -1.19: the balanced decision names mel; probabilities stay.
+    offsets = {"akiec": 0.0, "bcc": 0.0, "bkl": 0.0, "df": 0.0, "mel": 1.0, "nv": -0.5, "vasc": 0.0}
+    broken = tmp_path / "m"
+    shutil.copytree(model_dir, broken)
+    metrics = json.loads((broken / "metrics.json").read_text())
+    (broken / "metrics.json").write_text(json.dumps({**metrics, "decision_offsets": offsets}))
+    shifted_art = load_artifacts(broken)
+    assert shifted_art.decision_offsets == tuple(offsets[c] for c in art.classes)
+    shifted = Predictor(shifted_art, backend, settings).predict([image], capture=False)["predictions"][0]
+    assert (shifted["predicted_class"], shifted["confidence"]) == ("mel", 0.2)
+    assert shifted["probabilities"] == plain["probabilities"]
+    assert shifted["melanoma"] == plain["melanoma"]
+
+    for bad in ({**offsets, "mel": "high"}, {k: v for k, v in offsets.items() if k != "vasc"}, [0.0] * 7):
+        (broken / "metrics.json").write_text(json.dumps({**metrics, "decision_offsets": bad}))
+        with pytest.raises(ModelDirError, match="decision_offsets"):
+            load_artifacts(broken)
 
 
 def test_capture_writer_survives_an_unwritable_directory(tmp_path: Path) -> None:

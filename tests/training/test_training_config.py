@@ -57,6 +57,7 @@ def test_sagemaker_quirks_are_accepted() -> None:
         ({"arch": "vgg16"}, "arch='vgg16' is invalid: expected one of resnet50"),
         ({"label_set": "ham8"}, "label_set='ham8' is invalid"),
         ({"imbalance": "smote"}, "imbalance='smote' is invalid: expected one of loss, sampler, logit_adjusted, none"),
+        ({"ema_decay": "1"}, "ema_decay='1' is invalid: must be in [0, 1)"),
         ({"learning_rate": "0.1"}, "unknown hyperparameter 'learning_rate'; known: amp, arch"),
     ],
 )

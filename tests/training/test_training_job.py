@@ -90,9 +90,9 @@ def test_model_directory_follows_the_contract(full_job: tuple[Path, Any, Path]) 
         assert cm.shape == (7, 7) and cm.sum() == metrics[f"n_{split}"]
         assert 0.0 <= block["balanced_accuracy"] <= 1.0
     assert metrics["n_train"] == 42 and metrics["n_test"] == 21
-    # The class bias chosen on validation is recorded and never lowers validation balanced accuracy.
-    assert set(metrics["class_bias"]) == set(LABEL_SETS["ham7"])
-    scores = metrics["class_bias_validation_balanced_accuracy"]
+    # The decision offsets chosen on validation are recorded and never lower validation balanced accuracy.
+    assert set(metrics["decision_offsets"]) == set(LABEL_SETS["ham7"])
+    scores = metrics["decision_offsets_validation_balanced_accuracy"]
     assert scores["after"] >= scores["before"]
     assert metrics["validation"]["balanced_accuracy"] == pytest.approx(scores["after"])
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
@@ -205,11 +205,14 @@ def test_missing_channel_fails_cleanly(job_factory: Callable[..., Path]) -> None
 
 def test_killed_job_resumes_from_the_latest_checkpoint(job_factory: Callable[..., Path]) -> None:
     # Class-balanced sampling here, so that path runs too (the other jobs use the class-weighted loss).
-    base = job_factory("resume", {**FAST_HPS, "epochs": "3", "imbalance": "sampler"}, per_class=(3, 2, 2))
+    # And a weight average, which must carry on across the restart rather than start over.
+    hps = {**FAST_HPS, "epochs": "3", "imbalance": "sampler", "ema_decay": "0.9"}
+    base = job_factory("resume", hps, per_class=(3, 2, 2))
     first = run_train(base, env={"LESIONML_STOP_AFTER_EPOCH": "1"})
     assert first.returncode == -signal.SIGKILL, _fail(first)
     ckpt = torch.load(base / "checkpoints" / "checkpoint-last.pt", map_location="cpu", weights_only=False)
     assert ckpt["state"]["epoch"] == 1
+    assert ckpt["ema"]["updates"] == 1  # 21 images, batches of 16, the last one dropped: one step per epoch
     assert not (base / "model" / "model.ts").exists()
 
     second = run_train(base)
@@ -221,6 +224,43 @@ def test_killed_job_resumes_from_the_latest_checkpoint(job_factory: Callable[...
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
     # Epoch 1's record came from the checkpoint, not from a rerun.
     assert metrics["history"][0]["train_loss"] == pytest.approx(ckpt["state"]["history"][0]["train_loss"])
+    last = torch.load(base / "checkpoints" / "checkpoint-last.pt", map_location="cpu", weights_only=False)
+    assert last["ema"]["updates"] == 3
+
+
+def test_the_weight_average_is_validated_and_exported(job_factory: Callable[..., Path]) -> None:
+    hps = {**FAST_HPS, "epochs": "1", "freeze_epochs": "0", "ema_decay": "0.5", "class_bias": "none"}
+    base = job_factory("ema", hps, per_class=(4, 2, 2))
+    proc = run_train(base)
+    assert proc.returncode == 0, _fail(proc)
+    ckpt = torch.load(base / "checkpoints" / "checkpoint-last.pt", map_location="cpu", weights_only=False)
+    exported = torch.load(base / "model" / "model.pt", map_location="cpu", weights_only=True)
+    average, raw = ckpt["ema"]["module"], ckpt["model"]
+    assert ckpt["ema"]["updates"] == 1 and set(exported) == set(average)
+    assert all(torch.equal(exported[k], average[k]) for k in exported)
+    # After one step the average is still 18 % the initial weights: not the raw weights that trained.
+    assert any(not torch.equal(exported[k], raw[k]) for k in exported if exported[k].is_floating_point())
+
+
+def test_weight_average_follows_its_decay_ramp() -> None:
+    from training_image.trainer import WeightEma
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = WeightEma(net, 0.9)
+    w0 = net[0].weight.detach().clone()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    net.train()(torch.randn(4, 3))  # moves the BatchNorm statistics and its integer step counter
+    decay = ema.current_decay()
+    assert decay == pytest.approx(2 / 11)
+    ema.update()
+    torch.testing.assert_close(ema.module[0].weight, decay * w0 + (1 - decay) * (w0 + 1))
+    assert int(ema.module[1].num_batches_tracked) == 1 and not ema.module[0].weight.requires_grad
+    assert not torch.equal(ema.module[1].running_mean, torch.zeros(2))
+    for _ in range(100):
+        ema.update()
+    assert ema.current_decay() == 0.9
+    torch.testing.assert_close(ema.module[0].weight, net[0].weight)  # constant weights: the average converges
 
 
 def test_two_processes_under_torchrun_rank0_writes(job_factory: Callable[..., Path]) -> None:

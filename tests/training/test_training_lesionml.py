@@ -166,6 +166,17 @@ def test_pca_projection_and_psi() -> None:
     json.dumps(ref, allow_nan=False)
     np.testing.assert_allclose(project(emb[:5], ref), (emb[:5] - mean) @ comps.T, rtol=1e-4, atol=1e-4)
     assert len(ref["embedding"]["projections_sample"]) == 50
+    # Under a decision rule that always names class 6, the predicted prior and the confidence follow it.
+    decided = build_reference_stats(
+        emb, probs, rng.integers(0, 7, 200), [{"brightness": 0.5, "contrast": 0.1, "red_mean": 0.6,
+        "green_mean": 0.4, "blue_mean": 0.3, "saturation": 0.4, "width": 200.0, "height": 150.0,
+        "aspect": 4 / 3}] * 200, rng.integers(0, 7, 50), "ham7", labels.LABEL_SETS["ham7"], pca_components=2,
+        sample_size=50, predicted=np.full(200, 6),
+    )
+    assert decided["class_prior"]["reference_predicted"]["vasc"] == 1.0
+    assert ref["class_prior"]["reference_predicted"]["vasc"] < 0.5
+    assert decided["confidence"]["mean"] == pytest.approx(probs[:, 6].mean(), abs=1e-4)
+    assert ref["confidence"]["mean"] == pytest.approx(probs.max(axis=1).mean(), abs=1e-4)
     values = rng.uniform(size=1000)
     summary = summarize(values, bounded=True, sample_size=10)
     assert population_stability_index(summary, rng.uniform(size=1000)) < 0.05

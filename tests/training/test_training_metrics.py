@@ -104,6 +104,26 @@ def test_class_bias_raises_balanced_accuracy_and_matches_a_shifted_softmax() -> 
     assert M.balanced_accuracy(cm) == pytest.approx(after)
 
 
+def test_decision_offsets_move_class_figures_not_probability_figures() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.choice(4, 2000, p=[0.7, 0.15, 0.1, 0.05])
+    logits = rng.normal(0.0, 1.0, (2000, 4))
+    logits[np.arange(2000), y] += 1.5
+    logits[:, 0] += 1.2
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    offsets, _, after = M.tune_class_bias(y, probs)
+    np.testing.assert_array_equal(M.decide(probs, offsets), M.apply_class_bias(probs, offsets).argmax(axis=1))
+    np.testing.assert_array_equal(M.decide(probs, np.zeros(4)), probs.argmax(axis=1))
+    classes = ["a", "b", "c", "mel"]
+    plain = M.evaluate_split(y, probs, classes, 0.2, 3)
+    decided = M.evaluate_split(y, probs, classes, 0.2, 3, offsets)
+    assert decided["balanced_accuracy"] == pytest.approx(after)
+    assert decided["balanced_accuracy"] > plain["balanced_accuracy"] + 0.05
+    assert decided["confusion_matrix"] != plain["confusion_matrix"]
+    for key in ("macro_auc", "ece", "melanoma_sensitivity", "melanoma_specificity", "per_class_auc"):
+        assert decided[key] == plain[key]
+
+
 def test_class_bias_stays_zero_without_a_real_gain() -> None:
     # A perfectly separable split: nothing to gain, so no offset moves away from 0.
     y = np.array([0, 0, 1, 1, 2, 2])
