@@ -4,7 +4,8 @@ Conventions: ``y_true`` is an int array of class indices, ``probs`` an ``(N, C)`
 quantities that are undefined (a class absent from the split) are ``nan`` here and ``null`` in JSON; macro means
 skip them. Melanoma decisions use a probability threshold on ``P(mel)`` chosen on the validation split; the
 predicted class is the arg-max of ``log(probs) + offsets`` (:func:`decide`), where the per-class decision offsets are
-chosen on the validation split too (:func:`tune_class_bias`; all 0 gives the plain arg-max). Probability-based
+chosen on the validation split too (:func:`fit_class_offsets`, or the search :func:`tune_class_bias`; all 0 gives the
+plain arg-max). Probability-based
 figures (ROC-AUC, calibration) use the probabilities themselves: the offsets move decisions, not probabilities.
 """
 
@@ -214,6 +215,84 @@ def tune_class_bias(
         if not changed:
             break
     return bias, initial, best
+
+
+def fit_class_offsets(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    start: np.ndarray | None = None,
+    max_iter: int = 50,
+    min_support: int = 10,
+) -> tuple[np.ndarray, float, float]:
+    """Per-class logit offsets that minimise the class-balanced cross-entropy on held-out data.
+
+    The offsets ``b`` minimise ``sum_c mean_{i in c} -log softmax(log p_i + b)_c`` over the classes present in
+    ``y_true`` (every class weighs the same, whatever its size): the prior correction that turns the model's
+    posterior into one for balanced classes, fitted rather than assumed (``start``, e.g. ``-log(training prior)``,
+    is where the fit starts). A smooth, convex fit of one number per class, so unlike a search on balanced accuracy
+    itself it does not chase a few borderline images of a small class (measured on HAM10000 by two-fold cross-
+    validation within the validation split: benchmarks/training/RESULTS.md). At the optimum, the class-balanced
+    mean probability of every present class is the same. Classes absent from ``y_true`` or with fewer than
+    ``min_support`` images keep their starting offset (a handful of images would set theirs by chance); the others
+    count in the loss all the same. Newton steps with backtracking; when every present class is fitted, the
+    offsets are centred on them like ``start``.
+
+    Returns
+    -------
+    (np.ndarray, float, float)
+        The ``(C,)`` offsets, and the balanced accuracy of the arg-max of ``log p + offsets`` at ``start`` and at
+        the fitted offsets.
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    num_classes = probs.shape[1]
+    logp = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-30, None))
+    b = np.zeros(num_classes) if start is None else np.asarray(start, dtype=np.float64).copy()
+
+    def score(offsets: np.ndarray) -> float:
+        return balanced_accuracy(confusion_matrix(y, np.argmax(logp + offsets, axis=1), num_classes))
+
+    initial = score(b)
+    counts = np.bincount(y, minlength=num_classes)
+    present = np.flatnonzero(counts > 0)
+    if len(y) == 0 or len(present) < 2:
+        return b, initial, initial
+    free = np.flatnonzero(counts >= max(1, min_support))
+    if len(free) == 0:
+        return b, initial, initial
+    w = 1.0 / (len(present) * counts[y])
+    target = np.bincount(y, weights=w, minlength=num_classes)
+
+    def loss_grad_hess(offsets: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        z = logp + offsets
+        z -= z.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(z).sum(axis=1))
+        soft = np.exp(z - lse[:, None])
+        loss = float(w @ (lse - z[np.arange(len(y)), y]))
+        ws = soft * w[:, None]
+        hess = np.diag(ws.sum(axis=0)) - ws.T @ soft
+        return loss, ws.sum(axis=0) - target, hess
+
+    loss, grad, hess = loss_grad_hess(b)
+    for _ in range(max_iter):
+        g, h = grad[free], hess[np.ix_(free, free)]
+        if float(np.abs(g).max()) < 1e-9:
+            break
+        # The loss is flat along "add the same constant to every offset": the pseudo-inverse ignores that direction.
+        step = np.zeros(num_classes)
+        step[free] = -np.linalg.pinv(h) @ g
+        t = 1.0
+        while t > 1e-4:
+            trial = b + t * step
+            new_loss, new_grad, new_hess = loss_grad_hess(trial)
+            if new_loss <= loss:
+                break
+            t *= 0.5
+        else:
+            break
+        b, loss, grad, hess = trial, new_loss, new_grad, new_hess
+    if len(free) == len(present):
+        b[present] -= b[present].mean() - (0.0 if start is None else float(np.mean(np.asarray(start)[present])))
+    return b, initial, score(b)
 
 
 def reliability_bins(

@@ -198,10 +198,11 @@ HYPERPARAMETERS: dict[str, HP] = {
         lambda v: 0 <= v < 1, "must be in [0, 1)",
     ),
     "class_bias": HP(
-        _choice("validation", "none"),
+        _choice("validation", "search", "none"),
         "validation",
-        "validation: per-class offsets added to the classifier's bias, chosen on the validation split to raise its "
-        "balanced accuracy (the multi-class counterpart of the melanoma threshold); none: plain arg-max",
+        "per-class decision offsets (predicted class = arg-max of log p + offsets) chosen on the validation split: "
+        "validation = the offsets that minimise its class-balanced cross-entropy (a convex fit, starting from -log "
+        "prior with imbalance=none); search = coordinate ascent on its balanced accuracy; none = plain arg-max",
     ),
     "cache_images": HP(_choice("auto", "true", "false"), "auto", "keep decoded images in memory"),
     "reference_max_images": HP(

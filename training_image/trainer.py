@@ -32,6 +32,7 @@ from lesionml.metrics import (
     confusion_matrix,
     decide,
     evaluate_split,
+    fit_class_offsets,
     macro_auc_ovr,
     tune_class_bias,
 )
@@ -470,15 +471,25 @@ def evaluate_baseline(
     val = out["validation"]
     threshold = choose_threshold(val.labels == mel, val.probs[:, mel], cfg.melanoma_target_sensitivity)
     # The same procedure as for the new model, on the same validation split: a threshold and, with
-    # class_bias=validation, decision offsets (searched from the ones the baseline was served with, if any).
+    # class_bias, decision offsets (starting from the ones the baseline was served with, if any).
     offsets = np.zeros(len(classes))
-    if cfg.class_bias == "validation" and not cfg.dry_run:
-        offsets = tune_class_bias(val.labels, val.probs, start=recorded_offsets(root / "metrics.json", classes))[0]
+    if cfg.class_bias != "none" and not cfg.dry_run:
+        start = recorded_offsets(root / "metrics.json", classes)
+        offsets = choose_offsets(cfg.class_bias, val.labels, val.probs, start)[0]
     block = evaluate_split(out["test"].labels, out["test"].probs, classes, threshold, mel, offsets)
     block["architecture"] = spec.arch
     block["melanoma_threshold"] = threshold
     block["decision_offsets"] = dict(zip(classes, np.round(offsets, 4).tolist(), strict=True))
     return block
+
+
+def choose_offsets(
+    method: str, labels: np.ndarray, probs: np.ndarray, start: np.ndarray | None
+) -> tuple[np.ndarray, float, float]:
+    """Decision offsets on validation data (``class_bias``): the balanced cross-entropy fit or the search."""
+    if method == "search":
+        return tune_class_bias(labels, probs, start=start)
+    return fit_class_offsets(labels, probs, start=start)
 
 
 def recorded_offsets(metrics_path: Path, classes: tuple[str, ...]) -> np.ndarray:
@@ -748,8 +759,8 @@ class Trainer:
             # With a class bias to come, select epochs on the balanced accuracy it reaches: the raw arg-max's
             # balanced accuracy mostly tracks how the classes' logits drift relative to each other.
             score = val_bacc
-            if cfg.class_bias == "validation":
-                score = tune_class_bias(val.labels, val.probs, start=self.bias_start)[2]
+            if cfg.class_bias != "none":
+                score = choose_offsets(cfg.class_bias, val.labels, val.probs, self.bias_start)[2]
             seconds = time.time() - t_epoch
             epoch_times[frozen].append(seconds)
             state.train_seconds += seconds
@@ -883,9 +894,9 @@ class Trainer:
         # offsets to the logits would cost ROC-AUC and calibration), and the predicted class is the arg-max of
         # log p + offsets, in these metrics as in serving, which reads them from metrics.json.
         offsets, offset_scores = np.zeros(len(data.classes)), None
-        if cfg.class_bias == "validation" and not cfg.dry_run:
-            offsets, before, after = tune_class_bias(
-                preds["validation"].labels, preds["validation"].probs, start=self.bias_start
+        if cfg.class_bias != "none" and not cfg.dry_run:
+            offsets, before, after = choose_offsets(
+                cfg.class_bias, preds["validation"].labels, preds["validation"].probs, self.bias_start
             )
             offset_scores = {"before": before, "after": after}
             log.info("decision offsets %s: validation balanced accuracy %.4f -> %.4f",

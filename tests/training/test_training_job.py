@@ -268,7 +268,7 @@ def test_two_processes_under_torchrun_rank0_writes(job_factory: Callable[..., Pa
     # With trainable_from, DDP must be built after the early layers are frozen, or the ranks wait for gradients
     # that never come.
     hps = {**FAST_HPS, "epochs": "2", "freeze_epochs": "0", "arch": "efficientnet_lite0", "pretrained": "true",
-           "trainable_from": "net._blocks.3", "imbalance": "logit_adjusted"}
+           "trainable_from": "net._blocks.3", "imbalance": "logit_adjusted", "class_bias": "search"}
     base = job_factory("ddp", hps, per_class=(4, 2, 2))
     proc = run_train(base, env={"SM_NUM_GPUS": "2", "SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-1"})
     assert proc.returncode == 0, _fail(proc)

@@ -124,6 +124,28 @@ def test_decision_offsets_move_class_figures_not_probability_figures() -> None:
         assert decided[key] == plain[key]
 
 
+def test_fitted_offsets_give_every_class_the_same_balanced_mean_probability() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.choice(4, 2000, p=[0.7, 0.15, 0.1, 0.05])
+    logits = rng.normal(0.0, 1.0, (2000, 4))
+    logits[np.arange(2000), y] += 1.5
+    logits[:, 0] += 1.2  # a model leaning towards the majority class
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    offsets, before, after = M.fit_class_offsets(y, probs)
+    assert after >= before + 0.05
+    assert offsets[0] < offsets[1:].min() and abs(offsets.mean()) < 1e-9
+    # The optimum of the class-balanced cross-entropy: averaged class by class, each class gets probability 1/4.
+    adjusted = M.apply_class_bias(probs, offsets)
+    balanced_mean = np.mean([adjusted[y == c].mean(axis=0) for c in range(4)], axis=0)
+    np.testing.assert_allclose(balanced_mean, 0.25, atol=1e-6)
+    # A class absent from the held-out split, or with too few images, keeps its starting offset.
+    kept, _, _ = M.fit_class_offsets(y[y != 3], probs[y != 3], start=np.array([0.0, 0.0, 0.0, 0.7]))
+    assert kept[3] == 0.7 and kept[0] < kept[1]
+    few = np.r_[np.flatnonzero(y != 3), np.flatnonzero(y == 3)[:5]]
+    kept, _, _ = M.fit_class_offsets(y[few], probs[few], start=np.array([0.0, 0.0, 0.0, 0.7]), min_support=10)
+    assert kept[3] == 0.7 and kept[0] < kept[1]
+
+
 def test_class_bias_stays_zero_without_a_real_gain() -> None:
     # A perfectly separable split: nothing to gain, so no offset moves away from 0.
     y = np.array([0, 0, 1, 1, 2, 2])
