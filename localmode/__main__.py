@@ -142,7 +142,7 @@ def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str,
         if invocation:
             say(f"    endpoint         : {cloud.output('EndpointName')} at {invocation['url']}")
             say(f"    sample answer    : {invocation['summary']}")
-        if drift and "drift_score" in drift:
+        if drift and drift.get("drift_score") is not None:
             say(f"    drift            : DriftScore {drift['drift_score']:.2f} over {drift['n_records']} captured "
                 f"predictions ({'drift' if drift['drifted'] else 'no drift'} at alpha {drift['alpha']})")
         elif drift:
@@ -185,6 +185,9 @@ def _monitor(cloud: LocalCloud, data: Path, limit: int = 120) -> dict[str, Any] 
     for capture in sorted(cloud.capture_dir.glob("*.jsonl")):
         s3.upload_file(str(capture), cloud.output("ArtifactsBucketName"), f"monitoring/records/{capture.name}")
     drift_fn = cloud.runtime.find("DetectDriftFunction")
+    # A scheduled event's time (the window's exclusive end) has whole seconds: without the wait, the predictions of
+    # the last second (most of them: the 80 answers take about a second) would fall after it.
+    time.sleep(1.0)
     cloud.bus.fire_schedule("DetectDriftFunctionHourly", account="123456789012", region=REGION)
     last = drift_fn.invocations[-1] if drift_fn.invocations else {}
     result: dict[str, Any] | None = last.get("result") if last.get("ok") else last.get("error")
