@@ -143,6 +143,11 @@ def choose_threshold(y_binary: np.ndarray, scores: np.ndarray, target_sensitivit
     return float(thr[idx])
 
 
+def _decided_balanced_accuracy(y: np.ndarray, logp: np.ndarray, offsets: np.ndarray) -> float:
+    """Balanced accuracy of the arg-max of ``logp + offsets`` (the search loops call this thousands of times)."""
+    return balanced_accuracy(confusion_matrix(y, np.argmax(logp + offsets, axis=1), logp.shape[1]))
+
+
 def decide(probs: np.ndarray, offsets: np.ndarray | None = None) -> np.ndarray:
     """Predicted class indices: the arg-max of ``log(probs) + offsets`` (the plain arg-max without offsets).
 
@@ -195,7 +200,7 @@ def tune_class_bias(
     logp = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-30, None))
 
     def score(offsets: np.ndarray) -> float:
-        return balanced_accuracy(confusion_matrix(y, np.argmax(logp + offsets, axis=1), num_classes))
+        return _decided_balanced_accuracy(y, logp, offsets)
 
     origin = np.zeros(num_classes) if start is None else np.asarray(start, dtype=np.float64)
     bias = origin.copy()
@@ -249,7 +254,7 @@ def fit_class_offsets(
     b = np.zeros(num_classes) if start is None else np.asarray(start, dtype=np.float64).copy()
 
     def score(offsets: np.ndarray) -> float:
-        return balanced_accuracy(confusion_matrix(y, np.argmax(logp + offsets, axis=1), num_classes))
+        return _decided_balanced_accuracy(y, logp, offsets)
 
     initial = score(b)
     counts = np.bincount(y, minlength=num_classes)
