@@ -5,8 +5,8 @@ quantities that are undefined (a class absent from the split) are ``nan`` here a
 skip them. Melanoma decisions use a probability threshold on ``P(mel)`` chosen on the validation split; the
 predicted class is the arg-max of ``log(probs) + offsets`` (:func:`decide`), where the per-class decision offsets are
 chosen on the validation split too (:func:`fit_class_offsets`, or the search :func:`tune_class_bias`; all 0 gives the
-plain arg-max). Probability-based
-figures (ROC-AUC, calibration) use the probabilities themselves: the offsets move decisions, not probabilities.
+plain arg-max). Probability-based figures (ROC-AUC, calibration) use the probabilities themselves: the offsets move
+decisions, not probabilities.
 """
 
 from __future__ import annotations
