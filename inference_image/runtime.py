@@ -1,8 +1,9 @@
 """Model runtimes: ONNX Runtime on CPU (the fastest here, see benchmarks/inference/RESULTS.md), TorchScript otherwise.
 
 ``model.ts`` is what the training job ships. For ONNX Runtime the entry point exports its ``backbone`` (image to
-embedding) to ONNX once, before the workers start, and keeps the linear ``head`` as two numpy arrays: the legacy
-exporter only exports a module's ``forward``, and the head is a 1280 x C product that costs microseconds. The
+embedding; for a test-time-augmented model, to one embedding per view, whose probabilities are then averaged) to
+ONNX once, before the workers start, and keeps the linear ``head`` as two numpy arrays: the legacy exporter only
+exports a module's ``forward``, and the head is a 1280 x C product that costs microseconds. The
 export is checked against ``model.ts``'s own ``predict`` on a fixed input and cached by the model's digest, so a
 restart reuses it; if the model does not have the backbone/head split or the check fails, ``auto`` falls back to
 TorchScript (logged) and ``onnx`` refuses to start.
@@ -84,9 +85,9 @@ class Plan:
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
+    z = logits - logits.max(axis=-1, keepdims=True)
     np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
+    z /= z.sum(axis=-1, keepdims=True)
     return z
 
 
@@ -122,7 +123,12 @@ class OnnxBackend:
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         (embedding,) = self.session.run(None, {self.input_name: x})
-        return _softmax(embedding @ self.weight_t + self.bias), embedding
+        probs = _softmax(embedding @ self.weight_t + self.bias)
+        if embedding.ndim == 3:
+            # A test-time-augmented model's backbone gives one embedding per view, (N, V, D); like its predict, the
+            # answer is the mean of the views' probabilities and of their embeddings.
+            return probs.mean(axis=1), embedding.mean(axis=1)
+        return probs, embedding
 
 
 class TorchScriptBackend:

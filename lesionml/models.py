@@ -27,7 +27,8 @@ from lesionml.archs import ARCHITECTURES, norm_mean_std
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ARCHITECTURES", "LesionNet", "ModelInfo", "build_model", "export_torchscript", "load_torchscript", "norm_mean_std",
+    "ARCHITECTURES", "LesionNet", "ModelInfo", "ViewAveragedNet", "build_model", "export_torchscript",
+    "load_torchscript", "norm_mean_std", "view_count",
 ]
 
 @dataclass(frozen=True)
@@ -75,6 +76,73 @@ class LesionNet(nn.Module):
         """Softmax probabilities and embedding from one pass."""
         features = self.backbone(x)
         return torch.softmax(self.head(features), dim=1), features
+
+
+def view_count(height: int, width: int) -> int:
+    """Label-preserving views of an input that keep its shape: the dihedral group (8) if square, else 4.
+
+    The same views the training augmentation draws from (``training_image.data.augment``): flips and 180 degrees,
+    plus the 90-degree turns when they keep the shape.
+    """
+    return 8 if height == width else 4
+
+
+class _ViewStack(nn.Module):
+    """A backbone applied to every label-preserving view of its input: ``(N, 3, H, W)`` to ``(N, V, D)``."""
+
+    def __init__(self, backbone: nn.Module, embedding_dim: int, square: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.embedding_dim = embedding_dim
+        self.square = square
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        views = [x, x.flip(3), x.flip(2), x.flip([2, 3])]
+        if self.square:
+            t = x.transpose(2, 3)
+            views += [t, t.flip(3), t.flip(2), t.flip([2, 3])]
+        # One batch of N * V images: one pass keeps the convolutions' batch efficiency.
+        features = self.backbone(torch.cat(views))
+        # A reshape to a literal rank: the ONNX exporter cannot transpose a tensor of unknown rank.
+        return features.reshape(len(views), -1, self.embedding_dim).transpose(0, 1)
+
+
+class ViewAveragedNet(nn.Module):
+    """Test-time augmentation: a :class:`LesionNet` averaged over the label-preserving views of each image.
+
+    ``predict`` returns the mean of the views' softmax probabilities and the mean of their embeddings, so the answer
+    is the same for a flipped (or, for a square input, turned) upload. ``backbone`` maps ``(N, 3, H, W)`` to the
+    per-view embeddings ``(N, V, D)`` and ``head`` is the model's own linear layer, so a runtime that evaluates the
+    head itself (the ONNX backend of ``inference_image.runtime``) applies it per view and averages the
+    probabilities. ``forward`` returns the log of the averaged probabilities: logits whose softmax is them.
+
+    Parameters
+    ----------
+    model : LesionNet
+        The trained network (shared, not copied).
+    square : bool
+        Whether the input is square (then the 90-degree turns are views too): see :func:`view_count`.
+    """
+
+    def __init__(self, model: LesionNet, square: bool) -> None:
+        super().__init__()
+        self.backbone = _ViewStack(model.backbone, model.embedding_dim, square)
+        self.head = model.head
+        self.embedding_dim = model.embedding_dim
+        self.num_classes = model.num_classes
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean embedding over the views ``(N, D)``."""
+        return self.backbone(x).mean(1)
+
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean softmax probabilities and mean embedding over the views, from one pass."""
+        features = self.backbone(x)
+        return torch.softmax(self.head(features), dim=-1).mean(1), features.mean(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``log`` of the averaged probabilities ``(N, num_classes)``."""
+        return torch.log(self.predict(x)[0].clamp_min(torch.finfo(torch.float32).tiny))
 
 
 class _LiteBackbone(nn.Module):
@@ -206,7 +274,7 @@ def build_model(
     return model, ModelInfo(arch=arch, mean=mean, std=std, embedding_dim=dim, weights=source)
 
 
-def export_torchscript(model: LesionNet, example: torch.Tensor, path: str) -> None:
+def export_torchscript(model: LesionNet, example: torch.Tensor, path: str, tta: bool = False) -> None:
     """Trace ``model`` to TorchScript at ``path``.
 
     The saved module has ``forward(x) -> logits``, ``predict(x) -> (probabilities, embedding)`` and
@@ -220,15 +288,18 @@ def export_torchscript(model: LesionNet, example: torch.Tensor, path: str) -> No
         An input batch of the serving size, used for tracing.
     path : str
         Output file.
+    tta : bool
+        Export the test-time-augmented model (:class:`ViewAveragedNet`) instead, for ``example``'s shape.
     """
     # A copy: the caller's model keeps its device and memory format.
     model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).float().eval()
     example = example.to("cpu", dtype=torch.float32).contiguous()
+    exported: nn.Module = ViewAveragedNet(model, example.shape[2] == example.shape[3]).eval() if tta else model
     with torch.no_grad(), warnings.catch_warnings():
         # TorchScript is deprecated upstream but is what the serving contract specifies.
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace_module(
-            model, {"forward": example, "predict": example, "embed": example}, check_trace=False
+            exported, {"forward": example, "predict": example, "embed": example}, check_trace=False
         )
         traced.save(path)
 

@@ -31,6 +31,7 @@ TARGETS = {"macro_auc": 0.95, "balanced_accuracy": 0.75, "melanoma_sensitivity":
 # keep their ImageNet weights: their backward pass costs the most), bf16 autocast where the CPU supports it, an
 # exponential moving average of the weights as the model that is validated and exported. Plain cross-entropy, then
 # per-class decision offsets fitted on validation (class-balanced cross-entropy from -log prior: class_bias=validation).
+# The exported model averages its probabilities over the flips and the 180-degree turn of each image (tta=dihedral).
 CPU_HPS = {
     "arch": "efficientnet_lite0",
     "pretrained": "true",
@@ -45,6 +46,7 @@ CPU_HPS = {
     "imbalance": "none",
     "min_crop_scale": "0.6",
     "ema_decay": "0.998",
+    "tta": "dihedral",
     "patience": "0",
     "seed": "42",
     # Every core of an otherwise idle machine (two OpenMP threads on a shared, busy 2-core machine stall each

@@ -21,7 +21,7 @@ from inference_image.ood import OODScorer
 from inference_image.predictor import Predictor
 from inference_image.settings import Settings, SettingsError
 from inference_image.transform import ModelInputBuilder, planes_from_array, statistics_and_flatness
-from lesionml.preprocessing import PreprocessingSpec, normalise, resize_for_model
+from lesionml.preprocessing import PreprocessingSpec, normalise, preprocess_batch, resize_for_model
 from lesionml.reference_stats import image_statistics
 
 from .helpers import NEGATIVES, SAMPLE_IMAGES, encode, odd_variants, sample_image
@@ -321,3 +321,36 @@ def test_image_pins_are_what_the_tests_run() -> None:
     for name in ("torch", "onnx", "onnxruntime", "numpy", "pillow", "simplejpeg", "gunicorn", "uvicorn",
                  "uvicorn-worker", "httptools", "uvloop"):
         assert dev.get(name) == image[name], name
+
+
+def test_test_time_augmented_model_serves_the_same_with_onnx_and_torchscript(model_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    from inference_image.runtime import OnnxBackend, TorchScriptBackend, prepare
+    from lesionml.models import build_model, export_torchscript
+
+    art = load_artifacts(model_dir)
+    spec = art.spec
+    model, _ = build_model(spec.arch, len(art.classes), pretrained=False, image_size=(spec.height, spec.width))
+    model.load_state_dict(torch.load(model_dir / "model.pt", weights_only=True))
+    model.eval()
+    tta_dir = tmp_path / "tta"
+    shutil.copytree(model_dir, tta_dir)
+    export_torchscript(model, torch.zeros(1, 3, spec.height, spec.width), str(tta_dir / "model.ts"), tta=True)
+
+    plan = prepare(load_artifacts(tta_dir), "onnx", tmp_path / "cache")
+    assert plan.runtime == "onnx" and plan.onnx_path and plan.head_path
+    onnx = OnnxBackend(plan.onnx_path, plan.head_path)
+    script = TorchScriptBackend(str(tta_dir / "model.ts"))
+    x = preprocess_batch([str(p) for p in sorted(SAMPLE_IMAGES.glob("*.jpg"))[:3]], spec)
+    p_onnx, e_onnx = onnx.run(x)
+    p_ts, e_ts = script.run(x)
+    np.testing.assert_allclose(p_onnx, p_ts, atol=1e-4)
+    np.testing.assert_allclose(e_onnx, e_ts, atol=1e-3 * float(np.abs(e_ts).max()))
+    # The mean over flips and 180 degrees: a mirrored upload gets the same answer, which one view alone does not.
+    np.testing.assert_allclose(onnx.run(np.ascontiguousarray(x[:, :, :, ::-1]))[0], p_onnx, atol=1e-5)
+    with torch.inference_mode():
+        views = (x, x[..., ::-1], x[:, :, ::-1], x[:, :, ::-1, ::-1])
+        per_view = np.stack([torch.softmax(model(torch.from_numpy(np.ascontiguousarray(v))), 1).numpy() for v in views])
+    np.testing.assert_allclose(p_ts, per_view.mean(0), atol=1e-5)
+    assert float(np.abs(per_view[0] - per_view[1]).max()) > 1e-3

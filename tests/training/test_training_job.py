@@ -137,6 +137,12 @@ def test_torchscript_model_serves_probabilities_and_embeddings(full_job: tuple[P
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(5))
     torch.testing.assert_close(probs, torch.softmax(logits, dim=1))
     torch.testing.assert_close(emb, emb2)
+    # tta=dihedral (the default): model.ts averages the flips and the 180-degree turn, so a mirrored image gets the
+    # same answer, and metrics.json describes that model.
+    assert json.loads((model_dir / "metrics.json").read_text())["hyperparameters"]["tta"] == "dihedral"
+    with torch.no_grad():
+        torch.testing.assert_close(ts.predict(x.flip(3))[0], probs, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ts.predict(x.flip([2, 3]))[1], emb, atol=1e-4, rtol=1e-4)
     reference = json.loads((model_dir / "reference_stats.json").read_text())
     assert emb.shape == (5, reference["embedding"]["dim"])
     # model.pt is the state dict of the same network.

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from lesionml import labels
-from lesionml.models import build_model, export_torchscript, lite0_weights_path, load_torchscript
+from lesionml.models import build_model, export_torchscript, lite0_weights_path, load_torchscript, view_count
 from lesionml.prepare_ham import split_by_lesion
 from lesionml.preprocessing import PreprocessingSpec, crop_box_for_aspect, load_image, preprocess, read_spec, write_spec
 from lesionml.reference_stats import (
@@ -194,3 +194,32 @@ def test_split_by_lesion_keeps_lesions_together_and_is_deterministic() -> None:
     assert sum(len(v) for v in a.values()) == 300
     assert 0.6 < len(a["train"]) / 300 < 0.8
     assert split_by_lesion(rows, seed=4) != a
+
+
+@pytest.mark.parametrize("height,width,views", [(48, 64, 4), (48, 48, 8)])
+def test_test_time_augmented_export_averages_the_label_preserving_views(
+    tmp_path: Path, height: int, width: int, views: int
+) -> None:
+    # ImageNet features: a randomly initialised network answers almost the same for every input.
+    torch.manual_seed(0)
+    model, info = build_model("efficientnet_lite0", 3, pretrained=True, image_size=(height, width))
+    model.eval()
+    assert view_count(height, width) == views
+    export_torchscript(model, torch.zeros(1, 3, height, width), str(tmp_path / "m.ts"), tta=True)
+    ts = load_torchscript(tmp_path / "m.ts")
+    x = torch.randn(2, 3, height, width)
+    turns = [x, x.flip(3), x.flip(2), x.flip([2, 3])]
+    if views == 8:
+        turns += [t.transpose(2, 3) for t in turns]
+    with torch.no_grad():
+        probs, emb = ts.predict(x)
+        per_view = torch.stack([torch.softmax(model(v), 1) for v in turns])
+        torch.testing.assert_close(probs, per_view.mean(0))
+        torch.testing.assert_close(emb, torch.stack([model.embed(v) for v in turns]).mean(0))
+        torch.testing.assert_close(ts.embed(x), emb)
+        torch.testing.assert_close(torch.softmax(ts(x), 1), probs)
+        # Every view of the input gets the answer of the input itself; one view alone would not.
+        for v in turns[1:]:
+            torch.testing.assert_close(ts.predict(v)[0], probs, atol=1e-5, rtol=0)
+        assert float((per_view[0] - per_view[1]).abs().max()) > 1e-4
+    assert emb.shape == (2, info.embedding_dim)
