@@ -125,3 +125,23 @@ def test_readme_documents_every_hyperparameter() -> None:
     readme = (Path(__file__).resolve().parents[2] / "training_image" / "README.md").read_text()
     missing = [name for name in HYPERPARAMETERS if f"| `{name}` |" not in readme]
     assert not missing, f"training_image/README.md lacks {missing}"
+
+
+def test_eval_batch_size_auto_and_test_time_views() -> None:
+    import torch
+
+    from training_image.trainer import eval_batch_size
+
+    default = build_config()
+    assert default.eval_batch_size == -1 and default.as_strings()["eval_batch_size"] == "auto"
+    assert default.tta == "dihedral"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (eval_batch_size(default, cpu), eval_batch_size(default, cuda)) == (4, 64)
+    # Images per forward pass: a 4-view model takes 4 of them per loaded image.
+    assert (eval_batch_size(default, cpu, views=4), eval_batch_size(default, cuda, views=4)) == (1, 16)
+    fixed = build_config({"eval_batch_size": "32", "tta": "none"})
+    assert (eval_batch_size(fixed, cpu), eval_batch_size(fixed, cpu, views=8)) == (32, 4)
+    assert fixed.as_strings()["eval_batch_size"] == "32"
+    for bad in ({"eval_batch_size": "0"}, {"eval_batch_size": "many"}, {"tta": "rot90"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            build_config(bad)
