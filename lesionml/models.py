@@ -27,7 +27,7 @@ from lesionml.archs import ARCHITECTURES, norm_mean_std
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ARCHITECTURES", "LesionNet", "ModelInfo", "ViewAveragedNet", "build_model", "export_torchscript",
+    "ARCHITECTURES", "LesionNet", "ModelInfo", "ViewAveragedNet", "build_model", "dihedral_views", "export_torchscript",
     "load_torchscript", "norm_mean_std", "view_count",
 ]
 
@@ -87,6 +87,15 @@ def view_count(height: int, width: int) -> int:
     return 8 if height == width else 4
 
 
+def dihedral_views(x: torch.Tensor, square: bool) -> list[torch.Tensor]:
+    """The :func:`view_count` views of an ``(N, C, H, W)`` batch: identity, flips, 180 degrees (then the turns)."""
+    views = [x, x.flip(3), x.flip(2), x.flip([2, 3])]
+    if square:
+        t = x.transpose(2, 3)
+        views += [t, t.flip(3), t.flip(2), t.flip([2, 3])]
+    return views
+
+
 class _ViewStack(nn.Module):
     """A backbone applied to every label-preserving view of its input: ``(N, 3, H, W)`` to ``(N, V, D)``."""
 
@@ -97,10 +106,7 @@ class _ViewStack(nn.Module):
         self.square = square
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        views = [x, x.flip(3), x.flip(2), x.flip([2, 3])]
-        if self.square:
-            t = x.transpose(2, 3)
-            views += [t, t.flip(3), t.flip(2), t.flip([2, 3])]
+        views = dihedral_views(x, self.square)
         # One batch of N * V images: one pass keeps the convolutions' batch efficiency.
         features = self.backbone(torch.cat(views))
         # A reshape to a literal rank: the ONNX exporter cannot transpose a tensor of unknown rank.

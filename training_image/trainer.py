@@ -889,16 +889,16 @@ class Trainer:
         cpu_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         torch.save(cpu_state, model_dir / "model.pt")
         example = torch.zeros(1, 3, spec.height, spec.width)
-        export_torchscript(model, example, str(model_dir / "model.ts"), tta=cfg.tta == "dihedral")
-        if cfg.tta == "dihedral":
-            log.info("model.ts averages %d views of each image (tta=dihedral)", view_count(spec.height, spec.width))
+        views = view_count(spec.height, spec.width) if cfg.tta == "dihedral" else 1
+        export_torchscript(model, example, str(model_dir / "model.ts"), tta=views > 1)
+        if views > 1:
+            log.info("model.ts averages %d views of each image (tta=dihedral)", views)
         _json_dump(model_dir / "classes.json", classes_document(data.label_set))
         write_spec(spec, model_dir / "preprocessing.json")
 
         # Evaluate the artefact serving will load, in float32, so metrics.json describes exactly model.ts.
         ts = load_torchscript(model_dir / "model.ts", rt.device)
         fn = _torchscript_predict(ts)
-        views = view_count(spec.height, spec.width) if cfg.tta == "dihedral" else 1
         batch = eval_batch_size(cfg, rt.device, views)
         mb = 1 if cfg.dry_run else 0
         preds = {}

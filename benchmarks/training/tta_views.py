@@ -28,16 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from lesionml import metrics as M  # noqa: E402
-from lesionml.models import build_model  # noqa: E402
+from lesionml.models import build_model, dihedral_views  # noqa: E402
 from lesionml.preprocessing import preprocess_batch, read_spec  # noqa: E402
-
-
-def _views(x: torch.Tensor, square: bool) -> list[torch.Tensor]:
-    views = [x, x.flip(3), x.flip(2), x.flip([2, 3])]
-    if square:
-        t = x.transpose(2, 3)
-        views += [t, t.flip(3), t.flip(2), t.flip([2, 3])]
-    return views
 
 
 def per_view_probs(job: Path, split: str, classes: Sequence[str], batch: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +48,7 @@ def per_view_probs(job: Path, split: str, classes: Sequence[str], batch: int = 4
             x = torch.from_numpy(preprocess_batch([str(images / r["path"]) for r in rows[i:i + batch]], spec))
             out.append(np.stack([
                 torch.softmax(model(v.contiguous(memory_format=torch.channels_last)), 1).numpy()
-                for v in _views(x, spec.height == spec.width)
+                for v in dihedral_views(x, spec.height == spec.width)
             ]))
     return np.concatenate(out, axis=1).astype(np.float64), labels
 
