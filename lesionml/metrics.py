@@ -143,6 +143,11 @@ def choose_threshold(y_binary: np.ndarray, scores: np.ndarray, target_sensitivit
     return float(thr[idx])
 
 
+def _log_probs(probs: np.ndarray) -> np.ndarray:
+    """``log(probs)`` in float64, with zeros clipped to 1e-30 (a finite score for the offsets to move)."""
+    return np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-30, None))
+
+
 def _decided_balanced_accuracy(y: np.ndarray, logp: np.ndarray, offsets: np.ndarray) -> float:
     """Balanced accuracy of the arg-max of ``logp + offsets`` (the search loops call this thousands of times)."""
     return balanced_accuracy(confusion_matrix(y, np.argmax(logp + offsets, axis=1), logp.shape[1]))
@@ -154,16 +159,15 @@ def decide(probs: np.ndarray, offsets: np.ndarray | None = None) -> np.ndarray:
     The same rule as serving (``inference_image.predictor``), which applies ``metrics.json``'s
     ``decision_offsets``.
     """
-    p = np.asarray(probs, dtype=np.float64)
     if offsets is None or not np.any(offsets):
-        return np.asarray(p.argmax(axis=1), dtype=np.int64)
-    scores = np.log(np.clip(p, 1e-30, None)) + np.asarray(offsets, dtype=np.float64)
+        return np.asarray(np.asarray(probs).argmax(axis=1), dtype=np.int64)
+    scores = _log_probs(probs) + np.asarray(offsets, dtype=np.float64)
     return np.asarray(scores.argmax(axis=1), dtype=np.int64)
 
 
 def apply_class_bias(probs: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """softmax(logits + bias) from softmax(logits): the output of a model whose classifier bias grew by ``bias``."""
-    z = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-30, None)) + bias
+    z = _log_probs(probs) + bias
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
@@ -197,7 +201,7 @@ def tune_class_bias(
     """
     y = np.asarray(y_true, dtype=np.int64)
     num_classes = probs.shape[1]
-    logp = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-30, None))
+    logp = _log_probs(probs)
 
     def score(offsets: np.ndarray) -> float:
         return _decided_balanced_accuracy(y, logp, offsets)
@@ -250,7 +254,7 @@ def fit_class_offsets(
     """
     y = np.asarray(y_true, dtype=np.int64)
     num_classes = probs.shape[1]
-    logp = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-30, None))
+    logp = _log_probs(probs)
     b = np.zeros(num_classes) if start is None else np.asarray(start, dtype=np.float64).copy()
 
     def score(offsets: np.ndarray) -> float:
