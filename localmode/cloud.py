@@ -39,6 +39,7 @@ _SKIPPED_TYPES = {
     "AWS::Serverless::LayerVersion",
     "AWS::SNS::TopicPolicy",
     "AWS::Lambda::Permission",
+    "AWS::SQS::QueuePolicy",
     "AWS::Budgets::Budget",
     "AWS::CloudWatch::Dashboard",
 }
@@ -68,9 +69,17 @@ class LocalCloud:
         values = samconfig_parameters(REPO_ROOT / "samconfig.toml", "local")
         values.update(parameters or {})
         self.parameter_values = values
+        # CloudFormation evaluates Rules before it creates anything: a bad combination fails here, not mid-deploy.
+        Resolver(self.template, values, self._pseudo()).check_rules()
         self.runners: list[sagemaker.TrainingJobRunner] = []
+        # function name -> (MaximumRetryAttempts, on-failure destination ARN) of its asynchronous invocations
+        self.async_configs: dict[str, tuple[int, str | None]] = {}
         self._undo: list[Any] = []
         self._mock: Any = None
+
+    def _pseudo(self) -> dict[str, str]:
+        return {"AWS::Region": REGION, "AWS::AccountId": ACCOUNT, "AWS::StackName": self.stack_name,
+                "AWS::Partition": "aws", "AWS::URLSuffix": "amazonaws.com"}
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> LocalCloud:
@@ -106,17 +115,7 @@ class LocalCloud:
         )
         self.bus = eventbridge.LocalEventBus(self._deliver)
         self._install_hooks()
-        self.resolver = Resolver(
-            self.template,
-            self.parameter_values,
-            {
-                "AWS::Region": REGION,
-                "AWS::AccountId": ACCOUNT,
-                "AWS::StackName": self.stack_name,
-                "AWS::Partition": "aws",
-                "AWS::URLSuffix": "amazonaws.com",
-            },
-        )
+        self.resolver = Resolver(self.template, self.parameter_values, self._pseudo())
         self._deploy()
 
     def stop(self) -> None:
@@ -235,9 +234,18 @@ class LocalCloud:
 
     def _deliver(self, rule: eventbridge.Rule, payload: str) -> None:
         if rule.target_kind == "lambda":
-            ok, result = self.runtime.invoke(rule.target, json.loads(payload))
-            if not ok:
-                raise RuntimeError(f"{rule.target} failed: {result['errorType']}: {result['errorMessage']}")
+            # EventBridge invokes Lambda asynchronously: Lambda retries a failed event, then hands it to the
+            # function's on-failure destination.
+            retries, destination = self.async_configs.get(rule.target, (2, None))
+            event = json.loads(payload)
+            attempts = retries + 1
+            for _ in range(attempts):
+                ok, result = self.runtime.invoke(rule.target, event)
+                if ok:
+                    return
+            if destination:
+                self._send_to_destination(rule.target, destination, event, result, attempts)
+            raise RuntimeError(f"{rule.target} failed: {result['errorType']}: {result['errorMessage']}")
         else:
             # EventBridge names the executions it starts; a readable prefix helps when following them here.
             name = f"{rule.name.removeprefix('RetrainingStateMachine')[:30]}-{time.strftime('%Y%m%dT%H%M%S')}-" \
@@ -245,6 +253,22 @@ class LocalCloud:
             boto3.client("stepfunctions", region_name=REGION).start_execution(
                 stateMachineArn=rule.target, input=payload, name=name
             )
+
+    def _send_to_destination(self, function: str, destination: str, event: Any, error: Any, attempts: int) -> None:
+        """Lambda's on-failure record (an async invocation whose retries are exhausted) to an SQS destination."""
+        spec = self.runtime.find(function)
+        record = {
+            "version": "1.0",
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+            "requestContext": {"requestId": str(uuid.uuid4()), "functionArn": f"{spec.arn}:$LATEST",
+                               "condition": "RetriesExhausted", "approximateInvokeCount": attempts},
+            "requestPayload": event,
+            "responseContext": {"statusCode": 200, "executedVersion": "$LATEST", "functionError": "Unhandled"},
+            "responsePayload": error,
+        }
+        sqs = boto3.client("sqs", region_name=REGION)
+        queue_url = sqs.get_queue_url(QueueName=destination.rsplit(":", 1)[1])["QueueUrl"]
+        sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps(record))
 
     # ------------------------------------------------------------------ deployment
     def _physical(self, logical_id: str, kind: str) -> tuple[Any, dict[str, Any]]:
@@ -268,6 +292,9 @@ class LocalCloud:
             return base, {"Arn": f"arn:aws:iam::{ACCOUNT}:role/{base}", "RoleId": base}
         if kind == "AWS::Logs::LogGroup":
             return base, {"Arn": arn.format("logs", f"log-group:{base}:*")}
+        if kind == "AWS::SQS::Queue":
+            return f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/{base}", {"Arn": arn.format("sqs", base),
+                                                                             "QueueName": base}
         if kind == "AWS::CloudWatch::Alarm":
             return base, {"Arn": arn.format("cloudwatch", f"alarm:{base}")}
         if kind == "AWS::Serverless::LayerVersion":
@@ -316,6 +343,7 @@ class LocalCloud:
             "AWS::Serverless::StateMachine": self._create_state_machine,
             "AWS::CloudWatch::Alarm": self._create_alarm,
             "AWS::Logs::LogGroup": self._create_log_group,
+            "AWS::SQS::Queue": self._create_queue,
             "AWS::KMS::Key": lambda *_: None,
         }
         order = sorted(resources, key=lambda lid: list(creators).index(resources[lid]["Type"])
@@ -364,6 +392,13 @@ class LocalCloud:
             kwargs["SSESpecification"] = {"Enabled": sse.get("SSEEnabled", False), "SSEType": sse.get("SSEType", "KMS"),
                                           "KMSMasterKeyId": sse.get("KMSMasterKeyId", "")}
         boto3.client("dynamodb", region_name=REGION).create_table(**kwargs)
+
+    def _create_queue(self, logical_id: str, res: dict[str, Any]) -> None:
+        props = self.resolver.resolve(res.get("Properties", {}))
+        attributes = {k: str(props[k]) for k in ("KmsMasterKeyId", "MessageRetentionPeriod", "VisibilityTimeout")
+                      if k in props}
+        boto3.client("sqs", region_name=REGION).create_queue(
+            QueueName=self.resolver.attrs[logical_id]["QueueName"], Attributes=attributes)
 
     def _create_topic(self, logical_id: str, res: dict[str, Any]) -> None:
         props = self.resolver.resolve(res.get("Properties", {}))
@@ -430,6 +465,7 @@ class LocalCloud:
         name = self.resolver.refs[logical_id]
         arn = self.resolver.attrs[logical_id]["Arn"]
         env = {k: str(v) for k, v in props["Environment"]["Variables"].items()}
+        lambdas.check_environment_size(name, env)
         code_dir = (REPO_ROOT / props["CodeUri"]).resolve()
         # SAM creates each function's role from its Policies; IAM is not enforced locally, so it is trust only.
         boto3.client("iam", region_name=REGION).create_role(
@@ -443,6 +479,9 @@ class LocalCloud:
             Environment={"Variables": env}, Timeout=int(props.get("Timeout", 3)),
         )
         self._add_layer_paths(res)
+        invoke_config = props.get("EventInvokeConfig", {})
+        self.async_configs[name] = (int(invoke_config.get("MaximumRetryAttempts", 2)),
+                                    invoke_config.get("DestinationConfig", {}).get("OnFailure", {}).get("Destination"))
         self.runtime.register(lambdas.FunctionSpec(
             logical_id=logical_id, name=name, arn=arn, code_dir=code_dir, handler=props["Handler"],
             environment=env, timeout=int(props.get("Timeout", 3)), memory_mb=int(props.get("MemorySize", 128)),

@@ -17,6 +17,32 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from botocore.exceptions import ClientError
+
+# Lambda's quota: "total size of all environment variables" at most 4 KB, measured as the JSON of the map.
+ENVIRONMENT_LIMIT_BYTES = 4096
+
+
+def environment_size(variables: dict[str, str]) -> int:
+    """Bytes of the environment as Lambda measures it (the compact JSON of the variables)."""
+    return len(json.dumps(variables, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def check_environment_size(function_name: str, variables: dict[str, str]) -> None:
+    """Refuse an environment over Lambda's 4 KB limit with the error CreateFunction gives.
+
+    Raises
+    ------
+    botocore.exceptions.ClientError
+        ``InvalidParameterValueException``, Lambda's code and message for this case.
+    """
+    measured = json.dumps(variables, separators=(",", ":"), ensure_ascii=False)
+    if environment_size(variables) > ENVIRONMENT_LIMIT_BYTES:
+        message = ("Lambda was unable to configure your environment variables because the environment variables "
+                   f"you have provided exceeded the 4KB limit. String measured: {measured}")
+        raise ClientError({"Error": {"Code": "InvalidParameterValueException", "Message": message},
+                           "ResponseMetadata": {"HTTPStatusCode": 400}}, "CreateFunction")
+
 
 @dataclass
 class FunctionSpec:

@@ -28,7 +28,15 @@ _SHORT_TAGS = {
     "Base64": "Fn::Base64",
     "ImportValue": "Fn::ImportValue",
     "GetAZs": "Fn::GetAZs",
+    # Rule-specific functions (the Rules section)
+    "Contains": "Fn::Contains",
+    "EachMemberEquals": "Fn::EachMemberEquals",
+    "EachMemberIn": "Fn::EachMemberIn",
 }
+
+
+class TemplateRuleError(ValueError):
+    """A Rules assertion failed: CloudFormation refuses the stack before creating anything."""
 
 
 class _CfnLoader(yaml.SafeLoader):
@@ -115,6 +123,22 @@ class Resolver:
         self.attrs: dict[str, dict[str, Any]] = {}
         self.conditions = {name: bool(self.resolve(expr)) for name, expr in template.get("Conditions", {}).items()}
 
+    def check_rules(self) -> None:
+        """Evaluate the template's Rules as CloudFormation does before it creates or updates a stack.
+
+        Raises
+        ------
+        TemplateRuleError
+            With the failing assertion's ``AssertDescription``, which is what CloudFormation's ValidationError
+            reports.
+        """
+        for name, rule in self.template.get("Rules", {}).items():
+            if "RuleCondition" in rule and not self.resolve(rule["RuleCondition"]):
+                continue
+            for assertion in rule.get("Assertions", []):
+                if not self.resolve(assertion["Assert"]):
+                    raise TemplateRuleError(assertion.get("AssertDescription") or f"Template rule {name} failed")
+
     def _ref(self, name: str) -> Any:
         if name in self.pseudo:
             return self.pseudo[name]
@@ -185,6 +209,15 @@ class Resolver:
             if key == "Fn::Split":
                 sep, text = arg
                 return str(self.resolve(text)).split(sep)
+            if key == "Fn::Contains":
+                members, value = (self.resolve(x) for x in arg)
+                return str(value) in {str(m) for m in members}
+            if key == "Fn::EachMemberEquals":
+                members, value = (self.resolve(x) for x in arg)
+                return all(str(m) == str(value) for m in members)
+            if key == "Fn::EachMemberIn":
+                members, allowed = (self.resolve(x) for x in arg)
+                return {str(m) for m in members} <= {str(a) for a in allowed}
             if key == "Fn::ToJsonString":
                 return json.dumps(self.resolve(arg))
             if key.startswith("Fn::"):
