@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 # The repository root (/opt/program in the image) must be importable when run as a script.
 _ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +77,35 @@ def _torchrun(cluster_hosts: Sequence[str], current: str, gpus: int, argv: Seque
     return subprocess.call(cmd)
 
 
+# Oldest Linux driver each CUDA major version runs on (NVIDIA's minor-version compatibility; without the
+# cuda-compat forward-compatibility libraries).
+_MIN_DRIVER = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
+
+
+class GpuUnusableError(RuntimeError):
+    """The host has GPUs that this image's CUDA build cannot use."""
+
+
+def check_gpus_usable(num_gpus: int, torch: Any, driver_file: Path = Path("/proc/driver/nvidia/version")) -> None:
+    """Fail in seconds, with the reason, when the host's NVIDIA GPUs are there but torch cannot reach them.
+
+    Without this a driver older than the image's CUDA build would train on the CPU for the whole
+    MaxRuntimeInSeconds before failing on time. A host without an NVIDIA driver (CPU ranks standing in for GPUs,
+    as the tests run them) is left alone.
+    """
+    if num_gpus <= 0 or not driver_file.is_file() or torch.cuda.is_available():
+        return
+    found = re.search(r"Kernel Module\s+([0-9.]+)", driver_file.read_text(errors="replace"))
+    driver = found.group(1) if found else "unknown"
+    cuda = str(torch.version.cuda or "none")
+    major = int(cuda.split(".")[0]) if cuda[:1].isdigit() else 0
+    need = _MIN_DRIVER.get(major, "a newer one")
+    raise GpuUnusableError(
+        f"the host has {num_gpus} GPU(s) with NVIDIA driver {driver}, but CUDA cannot use them: this image's torch "
+        f"is built for CUDA {cuda}, which needs a driver >= {need}; rebuild the training image on a base with an "
+        f"older CUDA (training_image/Dockerfile BASE_IMAGE) or choose an instance type whose host driver is newer")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the job; returns the process exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -92,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch  # after validation, so bad hyperparameters fail in milliseconds
 
         cluster = resolve_cluster(paths, torch.cuda.device_count)
+        check_gpus_usable(cluster.num_gpus, torch)
         if cluster.world_size > 1 and "WORLD_SIZE" not in os.environ and not cfg.dry_run:
             rc = _torchrun(cluster.hosts, cluster.current_host, cluster.num_gpus, args)
             if rc != 0 and not paths.failure_file.exists():
