@@ -68,15 +68,14 @@ class CheckDataEvent(BaseModel):
 
 
 def last_model_time(sm: Any, group: str) -> datetime | None:
-    """Creation time of the newest model package in the group, or None when there is none yet."""
-    try:
-        resp = sm.list_model_packages(
-            ModelPackageGroupName=group, SortBy="CreationTime", SortOrder="Descending", MaxResults=1
-        )
-    except sm.exceptions.ClientError as err:  # a group with no packages yet is not an error
-        if "does not exist" in str(err):
-            return None
-        raise
+    """Creation time of the newest model package in the group, or None when there is none yet.
+
+    The stack creates the group, so an empty group answers an empty list; any error (a missing group included)
+    is a misconfiguration that must fail the state, not read as "no model yet".
+    """
+    resp = sm.list_model_packages(
+        ModelPackageGroupName=group, SortBy="CreationTime", SortOrder="Descending", MaxResults=1
+    )
     packages = resp.get("ModelPackageSummaryList", [])
     return packages[0]["CreationTime"] if packages else None
 
