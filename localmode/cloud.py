@@ -15,7 +15,7 @@ from typing import Any
 
 import boto3
 
-from localmode import eventbridge, lambdas, sagemaker
+from localmode import eventbridge, iam, lambdas, sagemaker
 from localmode.template import Resolver, load_template, samconfig_parameters
 
 log = logging.getLogger("localmode")
@@ -59,12 +59,20 @@ class LocalCloud:
         Template parameter values for this cloud.
     stack_name : str
         Used for physical names, as a deployment's stack name would be.
+    iam_mode : str, optional
+        ``enforce`` (default, or ``$LOCALMODE_IAM``): every call a handler, state machine, rule or training job
+        makes is checked against its role's policies (localmode/iam.py); ``report`` only logs denials; ``off``.
+    iam_trace_dir : Path, optional
+        Where the trace of checked calls goes (default ``$LOCALMODE_IAM_TRACE_DIR`` or ``<work_dir>/iam-trace``).
     """
 
     def __init__(self, work_dir: Path | None = None, parameters: dict[str, str] | None = None,
-                 stack_name: str = "skinlesion-local"):
+                 stack_name: str = "skinlesion-local", iam_mode: str | None = None,
+                 iam_trace_dir: Path | None = None):
         self.work_dir = (work_dir or REPO_ROOT / ".local").resolve()
         self.stack_name = stack_name
+        self.iam_mode, self.iam_trace_dir = iam_mode, iam_trace_dir
+        self.iam: iam.Enforcer | None = None  # set by start()
         self.template = load_template(REPO_ROOT / "template.yaml")
         values = samconfig_parameters(REPO_ROOT / "samconfig.toml", "local")
         values.update(parameters or {})
@@ -117,6 +125,7 @@ class LocalCloud:
         self._install_hooks()
         self.resolver = Resolver(self.template, self.parameter_values, self._pseudo())
         self._deploy()
+        self.iam = iam.enable(self, self.iam_mode, self.iam_trace_dir)
 
     def stop(self) -> None:
         """Wait for running jobs, stop the bus and the emulation, and restore the environment."""
@@ -216,6 +225,10 @@ class LocalCloud:
 
         self._undo.append(sagemaker.install(self.work_dir / "sagemaker", REPO_ROOT, emit_training_event,
                                             self.runners))
+        # moto's ASL interpreter has no SageMaker integration: createTrainingJob.sync as Step Functions runs it.
+        from localmode import sfn_sagemaker
+
+        self._undo.append(sfn_sagemaker.install())
 
         from localmode.endpoints import LocalEndpoints
         from localmode.hosting import LocalHosting
@@ -250,9 +263,10 @@ class LocalCloud:
             # EventBridge names the executions it starts; a readable prefix helps when following them here.
             name = f"{rule.name.removeprefix('RetrainingStateMachine')[:30]}-{time.strftime('%Y%m%dT%H%M%S')}-" \
                    f"{uuid.uuid4().hex[:8]}"
-            boto3.client("stepfunctions", region_name=REGION).start_execution(
-                stateMachineArn=rule.target, input=payload, name=name
-            )
+            with iam.as_rule(rule.name):  # EventBridge starts it with the role SAM gives the rule
+                boto3.client("stepfunctions", region_name=REGION).start_execution(
+                    stateMachineArn=rule.target, input=payload, name=name
+                )
 
     def _send_to_destination(self, function: str, destination: str, event: Any, error: Any, attempts: int) -> None:
         """Lambda's on-failure record (an async invocation whose retries are exhausted) to an SQS destination."""
@@ -268,7 +282,8 @@ class LocalCloud:
         }
         sqs = boto3.client("sqs", region_name=REGION)
         queue_url = sqs.get_queue_url(QueueName=destination.rsplit(":", 1)[1])["QueueUrl"]
-        sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps(record))
+        with iam.as_function(spec.logical_id):  # Lambda sends it with the function's execution role
+            sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps(record))
 
     # ------------------------------------------------------------------ deployment
     def _physical(self, logical_id: str, kind: str) -> tuple[Any, dict[str, Any]]:

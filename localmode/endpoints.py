@@ -15,7 +15,9 @@ reach that process over HTTP, so handlers and tests call endpoints exactly as th
         endpoints.stop("skin-lesion")                              # SIGTERM, graceful
 
 As on SageMaker, a 4xx/5xx answer from the container surfaces as botocore's ``ModelError`` (HTTP 424 with
-``OriginalStatusCode`` and ``OriginalMessage``), and an unknown endpoint name as a ``ValidationError``. Endpoint
+``OriginalStatusCode`` and ``OriginalMessage``), a container that does not answer within InvokeEndpoint's 60 s as
+the ``ModelError`` SageMaker gives then (``Received server error (0) ... Your invocation timed out ...``), and an
+unknown endpoint name as a ``ValidationError``. Endpoint
 names are global here (account and region are ignored). Logs of each process go to
 ``<work_dir>/endpoints/<name>-<n>.log``.
 """
@@ -343,6 +345,8 @@ class LocalEndpoints:
                 return 400, {"status": 400, "x-amzn-ErrorType": "ValidationError"}, json.dumps(
                     {"message": f"Endpoint {name} of account 123456789012 not found."}
                 )
+            except TimeoutError:
+                return _model_error(name, 0, INVOCATION_TIMED_OUT)
             except OSError as e:
                 return _model_error(name, 500, f"connection to the container failed: {e}")
             if status >= 400:
@@ -368,9 +372,14 @@ class LocalEndpoints:
             self._undo()
 
 
+# SageMaker's message when the container has not answered after 60 s (reported with original status 0).
+INVOCATION_TIMED_OUT = ("Your invocation timed out while waiting for a response from container primary. Review the "
+                        "latency metrics for each container in Amazon CloudWatch, resolve the issue, and try again.")
+
+
 def _model_error(name: str, status: int, message: str) -> tuple[int, dict[str, Any], str]:
     """SageMaker's answer when the container returns an error: 424 ModelError carrying the original status."""
-    kind = "client" if status < 500 else "server"
+    kind = "client" if 400 <= status < 500 else "server"
     body = {
         "ErrorCode": f"{kind.upper()}_ERROR_FROM_MODEL",
         "Message": f"Received {kind} error ({status}) from primary with message \"{message}\". See the endpoint's "

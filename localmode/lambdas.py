@@ -19,6 +19,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from localmode import iam
+
 # Lambda's quota: "total size of all environment variables" at most 4 KB, measured as the JSON of the map.
 ENVIRONMENT_LIMIT_BYTES = 4096
 
@@ -174,7 +176,7 @@ class LambdaRuntime:
     def invoke(self, name_or_arn: str, event: Any) -> tuple[bool, Any]:
         """Call the handler; return ``(ok, payload)`` where a failure's payload is Lambda's error document."""
         spec = self.find(name_or_arn)
-        with self._lock, self._as_function(spec):
+        with self._lock, self._as_function(spec), iam.as_function(spec.logical_id):
             record: dict[str, Any] = {"event": event, "started": time.time()}
             spec.invocations.append(record)
             try:

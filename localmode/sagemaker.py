@@ -1,5 +1,10 @@
 """SageMaker training jobs, executed for real: the training image's entry point in a subprocess under the
-container contract, its results reported as DescribeTrainingJob and the state-change events would report them."""
+container contract, its results reported as DescribeTrainingJob and the state-change events would report them.
+
+Where moto's answers differ from SageMaker's for the calls the pipeline makes, the patched calls answer as SageMaker
+does (docs/local-mode.md has the table): an unknown job is ``ValidationException`` "Requested resource not found.",
+a taken name is ``ResourceInUse``, a volume key on an instance with NVMe instance storage is rejected, and
+StopTrainingJob (which moto lacks) stops the subprocess and ends the job ``Stopped``."""
 
 from __future__ import annotations
 
@@ -21,9 +26,41 @@ from typing import Any
 
 import boto3
 
+from localmode import iam
+
 log = logging.getLogger("localmode.sagemaker")
 
 TERMINAL = ("Completed", "Failed", "Stopped")
+# SageMaker gives the algorithm 120 s after SIGTERM; locally the process is killed sooner.
+STOP_GRACE_SECONDS = 20.0
+# DescribeTrainingJob/StopTrainingJob for a name no job has (boto/boto3#2808, aws/aws-sdk#165).
+NOT_FOUND_MESSAGE = "Requested resource not found."
+
+
+def _has_local_nvme(instance_type: str) -> bool:
+    """The stack's table of instance types with NVMe instance storage (lesion_common.instances, the layer)."""
+    common = str(Path(__file__).resolve().parent.parent / "layers" / "common")
+    if common not in sys.path:
+        sys.path.append(common)
+    from lesion_common.instances import has_local_nvme
+
+    return bool(has_local_nvme(instance_type))
+
+
+def name_taken_message(arn: str) -> str:
+    """CreateTrainingJob's ResourceInUse message for a name already used (as SageMaker words it)."""
+    return ("Training job names must be unique within an AWS account and region, and a training job with this name "
+            f"already exists ({arn})")
+
+
+def volume_key_message(instance_type: str) -> str:
+    """CreateTrainingJob's ValidationException for VolumeKmsKeyId on an instance with local NVMe storage.
+
+    The rule is botocore's documentation of ResourceConfig.VolumeKmsKeyId; the wording is local mode's closest
+    rendering (unconfirmed: no published copy of SageMaker's exact message was found).
+    """
+    return (f"VolumeKmsKeyId is not supported for instance type {instance_type}: its local instance storage is "
+            "encrypted by a hardware module on the instance. Remove VolumeKmsKeyId from ResourceConfig.")
 
 
 def _s3_split(uri: str) -> tuple[str, str]:
@@ -60,7 +97,8 @@ class TrainingJobRunner:
     """
 
     def __init__(self, job: Any, request: dict[str, Any], work_dir: Path, repo_root: Path,
-                 emit: Callable[[dict[str, Any]], None], s3_endpoint: Any = None):
+                 emit: Callable[[dict[str, Any]], None], s3_endpoint: Any = None,
+                 command: list[str] | None = None):
         self.job = job
         self.request = request
         self.name: str = request["TrainingJobName"]
@@ -70,7 +108,26 @@ class TrainingJobRunner:
         self.s3 = boto3.client("s3")
         self.metric_definitions = request["AlgorithmSpecification"].get("MetricDefinitions", [])
         self.metrics: dict[str, float] = {}
-        self.thread = threading.Thread(target=self.run, name=f"training-{self.name}", daemon=True)
+        # SageMaker runs ``<image> train``; here the image's entry point (tests may give a tiny stand-in).
+        self.command = command or [sys.executable, str(repo_root / "training_image" / "train.py"), "train"]
+        self.proc: subprocess.Popen[str] | None = None
+        self.stop_requested = threading.Event()
+        self._lock = threading.Lock()
+        # The job reads its channels and writes its artefacts with the role passed to CreateTrainingJob.
+        self.thread = threading.Thread(target=iam.run_as_role_arn(request.get("RoleArn"), self.run),
+                                       name=f"training-{self.name}", daemon=True)
+
+    def stop(self) -> None:
+        """StopTrainingJob: Stopping now, SIGTERM to the algorithm, killed after the grace period, then Stopped."""
+        with self._lock:
+            if self.job.training_job_status != "InProgress" or self.stop_requested.is_set():
+                return
+            self.stop_requested.set()
+            self._set_status("Stopping", "Stopping", "Stopping the training job")
+            proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            threading.Timer(STOP_GRACE_SECONDS, lambda: proc.poll() is None and proc.kill()).start()
 
     # ----------------------------------------------------------------- status
     def _set_status(self, status: str, secondary: str, message: str) -> None:
@@ -195,15 +252,22 @@ class TrainingJobRunner:
         try:
             self._set_status("InProgress", "Downloading", "Downloading input data")
             env = {**os.environ, **self._lay_out(), "PYTHONPATH": str(self.repo_root), "PYTHONUNBUFFERED": "1"}
+            if self.stop_requested.is_set():
+                self._end_stopped(start)
+                return
             self._set_status("InProgress", "Training", "Training image download completed. Training in progress.")
             max_runtime = self.request.get("StoppingCondition", {}).get("MaxRuntimeInSeconds", 86400)
             log_path = self.root / "training.log"
             self.job.training_start_time = datetime.now(UTC)
             with log_path.open("w") as log_file:
-                proc = subprocess.Popen(
-                    [sys.executable, str(self.repo_root / "training_image" / "train.py"), "train"],
-                    cwd=self.repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                )
+                with self._lock:
+                    if self.stop_requested.is_set():
+                        self._end_stopped(start)
+                        return
+                    proc = self.proc = subprocess.Popen(
+                        self.command,
+                        cwd=self.repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                    )
                 assert proc.stdout is not None
                 timer = threading.Timer(max_runtime, proc.kill)
                 timer.start()
@@ -221,6 +285,9 @@ class TrainingJobRunner:
             elapsed = int(time.time() - start)
             self.job.training_time_in_seconds = elapsed
             self.job.billable_time_in_seconds = elapsed
+            if self.stop_requested.is_set():
+                self._end_stopped(start)
+                return
             failure_file = self.root / "output" / "failure"
             if rc != 0:
                 if failure_file.exists() and failure_file.read_text().strip():
@@ -243,43 +310,102 @@ class TrainingJobRunner:
             self.job.failure_reason = f"InternalServerError: local runner: {type(err).__name__}: {err}"[:1024]
             self._set_status("Failed", "Failed", "Training job failed")
 
+    def _end_stopped(self, start: float) -> None:
+        elapsed = int(time.time() - start)
+        self.job.training_time_in_seconds = elapsed
+        self.job.billable_time_in_seconds = elapsed
+        self._set_status("Stopped", "Stopped", "Training job stopped")
+
 
 def install(work_dir: Path, repo_root: Path, emit: Callable[[dict[str, Any]], None],
-            runners: list[TrainingJobRunner]) -> Callable[[], None]:
-    """Make moto's CreateTrainingJob start a real run; returns the function that undoes it."""
-    from moto.sagemaker.models import SageMakerModelBackend
+            runners: list[TrainingJobRunner], command: list[str] | None = None) -> Callable[[], None]:
+    """Make moto's training-job calls behave as SageMaker's: CreateTrainingJob starts a real run,
+    DescribeTrainingJob and StopTrainingJob answer as SageMaker does; returns the function that undoes it.
 
-    original = SageMakerModelBackend.create_training_job
+    Parameters
+    ----------
+    command : list of str, optional
+        The training process to run instead of ``training_image/train.py train`` (tests use a tiny stand-in).
+    """
+    from moto.sagemaker.exceptions import ResourceInUseException, ValidationError
+    from moto.sagemaker.models import FakeTrainingJob, SageMakerModelBackend
+    from moto.sagemaker.responses import SageMakerResponse
+
+    original_create = SageMakerModelBackend.create_training_job
+    original_describe = SageMakerModelBackend.describe_training_job
+    by_name: dict[tuple[str, str, str], TrainingJobRunner] = {}
 
     def create_training_job(self: Any, **kwargs: Any) -> Any:
-        if kwargs["training_job_name"] in self.training_jobs:
-            from moto.sagemaker.exceptions import ValidationError
-
-            raise ValidationError(message=f"Training job {kwargs['training_job_name']} already exists")
+        name = kwargs["training_job_name"]
+        if name in self.training_jobs:
+            raise ResourceInUseException(message=name_taken_message(self.training_jobs[name].arn))
+        resource = kwargs.get("resource_config") or {}
+        if resource.get("VolumeKmsKeyId") and _has_local_nvme(resource.get("InstanceType", "")):
+            raise ValidationError(message=volume_key_message(resource["InstanceType"]))
         definitions = list(kwargs["algorithm_specification"].get("MetricDefinitions", []))
-        job = original(self, **kwargs)
+        job = original_create(self, **kwargs)
         job.algorithm_specification["MetricDefinitions"] = definitions
         job.training_job_status = "InProgress"
         job.secondary_status = "Starting"
         job.final_metric_data_list = []
         job.training_end_time = None
+        # moto invents an artifact location at once; SageMaker has none until the job uploads it.
+        job.model_artifacts = None
         request = {
-            "TrainingJobName": kwargs["training_job_name"],
+            "TrainingJobName": name,
             "HyperParameters": kwargs["hyper_parameters"],
             "AlgorithmSpecification": {**kwargs["algorithm_specification"], "MetricDefinitions": definitions},
             "InputDataConfig": kwargs["input_data_config"],
             "OutputDataConfig": kwargs["output_data_config"],
+            "ResourceConfig": resource,
             "StoppingCondition": kwargs["stopping_condition"] or {},
             "CheckpointConfig": kwargs["checkpoint_config"],
+            "RoleArn": kwargs.get("role_arn"),
         }
-        runner = TrainingJobRunner(job, request, work_dir, repo_root, emit)
+        runner = TrainingJobRunner(job, request, work_dir, repo_root, emit, command=command)
         runners.append(runner)
+        by_name[(self.account_id, self.region_name, name)] = runner
         runner.thread.start()
         return job
 
+    def describe_training_job(self: Any, training_job_name: str) -> dict[str, Any]:
+        if training_job_name not in self.training_jobs:
+            raise ValidationError(message=NOT_FOUND_MESSAGE)
+        response: dict[str, Any] = original_describe(self, training_job_name)
+        return response
+
+    def stop_training_job(self: Any, training_job_name: str) -> None:
+        job: FakeTrainingJob | None = self.training_jobs.get(training_job_name)
+        if job is None:
+            raise ValidationError(message=NOT_FOUND_MESSAGE)
+        if job.training_job_status != "InProgress":
+            # Wording unconfirmed; the condition (only an InProgress job can be stopped) is SageMaker's.
+            raise ValidationError(message=f"The request was rejected because the training job is in status "
+                                          f"{job.training_job_status}.")
+        runner = by_name.get((self.account_id, self.region_name, training_job_name))
+        if runner is None:
+            job.training_job_status = job.secondary_status = "Stopped"
+            return
+        threading.Thread(target=runner.stop, name=f"stop-{training_job_name}", daemon=True).start()
+        deadline = time.monotonic() + 5
+        while job.training_job_status == "InProgress" and time.monotonic() < deadline:
+            time.sleep(0.01)  # the call returns once the job is Stopping, as SageMaker's does
+
+    def stop_training_job_response(handler: Any) -> Any:
+        from moto.core.responses import EmptyResult
+
+        handler.sagemaker_backend.stop_training_job(handler._get_param("TrainingJobName"))
+        return EmptyResult()
+
     SageMakerModelBackend.create_training_job = create_training_job  # type: ignore[method-assign]
+    SageMakerModelBackend.describe_training_job = describe_training_job  # type: ignore[method-assign]
+    SageMakerModelBackend.stop_training_job = stop_training_job  # type: ignore[attr-defined]
+    SageMakerResponse.stop_training_job = stop_training_job_response  # type: ignore[attr-defined]
 
     def undo() -> None:
-        SageMakerModelBackend.create_training_job = original  # type: ignore[method-assign]
+        SageMakerModelBackend.create_training_job = original_create  # type: ignore[method-assign]
+        SageMakerModelBackend.describe_training_job = original_describe  # type: ignore[method-assign]
+        del SageMakerModelBackend.stop_training_job  # type: ignore[attr-defined]
+        del SageMakerResponse.stop_training_job  # type: ignore[attr-defined]
 
     return undo

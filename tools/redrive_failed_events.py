@@ -4,8 +4,10 @@ Two kinds of message land in that queue:
 
 * Lambda's on-failure destination records (an asynchronous invocation whose retries ran out): the body holds
   ``requestContext.functionArn`` and ``requestPayload``; the payload is invoked again asynchronously.
-* EventBridge dead-letter messages (a rule could not deliver to its target): the body is what the target would
-  have received and the message attribute ``TARGET_ARN`` names the target, a function or a state machine.
+* EventBridge dead-letter messages (a rule could not deliver to its target): the body is the event, and the
+  message attributes ``RULE_ARN`` and ``TARGET_ARN`` name the rule and its target (a function or a state machine).
+  The target's input is rebuilt from the event with the rule's own ``Input``/``InputPath``/``InputTransformer``
+  (read with ListTargetsByRule), as EventBridge would have built it.
 
 A message is deleted only after its target accepted it again; anything else stays in the queue and is reported.
 """
@@ -34,6 +36,7 @@ class Redrive:
     kind: str  # "lambda" | "states"
     target: str
     payload: str
+    rule_arn: str | None = None  # set for a dead letter: its payload is the event, before the target's input
 
 
 @dataclass
@@ -57,10 +60,9 @@ def parse_message(message: dict[str, Any]) -> Redrive:
     target = attributes.get("TARGET_ARN", {}).get("StringValue")
     if target:
         service = target.split(":")[2] if target.count(":") >= 5 else ""
-        if service == "lambda":
-            return Redrive("lambda", target, body)
-        if service == "states":
-            return Redrive("states", target, body)
+        rule = attributes.get("RULE_ARN", {}).get("StringValue")
+        if service in ("lambda", "states"):
+            return Redrive(service, target, body, rule)
         raise RedriveError(f"dead letter for a {service or 'unknown'} target ({target}) is not supported")
     try:
         record = json.loads(body)
@@ -74,17 +76,43 @@ def parse_message(message: dict[str, Any]) -> Redrive:
     return Redrive("lambda", ":".join(parts[:7]), json.dumps(record["requestPayload"]))
 
 
-def send(redrive: Redrive, lambda_client: Any, sfn_client: Any) -> None:
-    """Hand one event to its target again (asynchronously, as the original delivery was)."""
-    if redrive.kind == "lambda":
-        lambda_client.invoke(FunctionName=redrive.target, InvocationType="Event", Payload=redrive.payload.encode())
+def target_input(events: Any, rule_arn: str, target_arn: str, event: str) -> str:
+    """What the rule gives its target for this event (Input, InputPath or InputTransformer applied).
+
+    Raises
+    ------
+    RedriveError
+        When the rule no longer has that target.
+    """
+    from localmode.eventbridge import Rule
+
+    rule_name = rule_arn.split("/")[-1]
+    if rule_arn.count("/") > 1:  # a rule on a custom bus: rule/<bus>/<name>
+        targets = events.list_targets_by_rule(Rule=rule_name, EventBusName=rule_arn.split("/")[-2])["Targets"]
     else:
-        sfn_client.start_execution(stateMachineArn=redrive.target, input=redrive.payload,
+        targets = events.list_targets_by_rule(Rule=rule_name)["Targets"]
+    spec = next((t for t in targets if t["Arn"] == target_arn), None)
+    if spec is None:
+        raise RedriveError(f"rule {rule_name} no longer targets {target_arn}")
+    rule = Rule(name=rule_name, target_kind="", target=target_arn, input=spec.get("Input"),
+                input_path=spec.get("InputPath"), input_transformer=spec.get("InputTransformer"))
+    return rule.payload(json.loads(event))
+
+
+def send(redrive: Redrive, lambda_client: Any, sfn_client: Any, events: Any = None) -> None:
+    """Hand one event to its target again (asynchronously, as the original delivery was)."""
+    payload = redrive.payload
+    if redrive.rule_arn:
+        payload = target_input(events, redrive.rule_arn, redrive.target, payload)
+    if redrive.kind == "lambda":
+        lambda_client.invoke(FunctionName=redrive.target, InvocationType="Event", Payload=payload.encode())
+    else:
+        sfn_client.start_execution(stateMachineArn=redrive.target, input=payload,
                                    name=f"redrive-{uuid.uuid4().hex[:20]}")
 
 
-def redrive_queue(sqs: Any, lambda_client: Any, sfn_client: Any, queue_url: str, *, dry_run: bool = False,
-                  limit: int = 1000) -> Report:
+def redrive_queue(sqs: Any, lambda_client: Any, sfn_client: Any, queue_url: str, *, events: Any = None,
+                  dry_run: bool = False, limit: int = 1000) -> Report:
     """Receive up to ``limit`` messages, send each back to its target, delete those that were accepted."""
     report = Report()
     seen = 0
@@ -99,10 +127,10 @@ def redrive_queue(sqs: Any, lambda_client: Any, sfn_client: Any, queue_url: str,
             try:
                 redrive = parse_message(message)
                 if not dry_run:
-                    send(redrive, lambda_client, sfn_client)
+                    send(redrive, lambda_client, sfn_client, events)
                     sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
                 report.sent.append(f"{message['MessageId']} -> {redrive.target}")
-            except (RedriveError, ClientError) as err:
+            except (RedriveError, ClientError, ValueError) as err:
                 report.kept.append(f"{message['MessageId']}: {err}")
     return report
 
@@ -116,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = redrive_queue(boto3.client("sqs"), boto3.client("lambda"), boto3.client("stepfunctions"),
-                               args.queue_url, dry_run=args.dry_run, limit=args.limit)
+                               args.queue_url, events=boto3.client("events"), dry_run=args.dry_run,
+                               limit=args.limit)
     except NoCredentialsError:
         print("error: no AWS credentials: run `aws configure` or `aws sso login`, or set AWS_PROFILE",
               file=sys.stderr)

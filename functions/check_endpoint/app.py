@@ -14,6 +14,7 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, Field, ValidationError
 
+from lesion_common.deployment import sagemaker_errors
 from lesion_common.errors import EndpointRolledBackError, EndpointUpdateError, InvalidRequestError
 
 logger = Logger()
@@ -44,7 +45,8 @@ def alarms_in_alarm(cw: Any) -> list[str]:
 
 def check(sm: Any, cw: Any, req: CheckRequest) -> dict[str, Any]:
     """``settled`` False while SageMaker works; raise when it ended anywhere but on the target."""
-    desc = sm.describe_endpoint(EndpointName=req.endpoint_name)
+    with sagemaker_errors("DescribeEndpoint"):
+        desc = sm.describe_endpoint(EndpointName=req.endpoint_name)
     status = desc["EndpointStatus"]
     if status in SETTLING and status != "UpdateRollbackFailed":
         return {"settled": False, "status": status}

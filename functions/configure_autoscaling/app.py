@@ -10,7 +10,7 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, Field, ValidationError
 
-from lesion_common.deployment import scalable_resource_id
+from lesion_common.deployment import autoscaling_errors, scalable_resource_id
 from lesion_common.errors import InvalidRequestError
 
 logger = Logger()
@@ -38,18 +38,20 @@ def configure(aas: Any, endpoint: str) -> dict[str, Any]:
         raise ValueError("scale-in cool-down must be longer than scale-out: capacity is removed more carefully")
     resource = scalable_resource_id(endpoint)
     dimension = "sagemaker:variant:DesiredInstanceCount"
-    aas.register_scalable_target(ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension=dimension,
-                                 MinCapacity=MIN_INSTANCES, MaxCapacity=MAX_INSTANCES)
-    policy = aas.put_scaling_policy(
-        PolicyName=f"{endpoint}-invocations-per-instance", ServiceNamespace="sagemaker", ResourceId=resource,
-        ScalableDimension=dimension, PolicyType="TargetTrackingScaling",
-        TargetTrackingScalingPolicyConfiguration={
-            "TargetValue": TARGET_INVOCATIONS,
-            "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"},
-            "ScaleOutCooldown": SCALE_OUT_COOLDOWN,
-            "ScaleInCooldown": SCALE_IN_COOLDOWN,
-        },
-    )
+    with autoscaling_errors("RegisterScalableTarget"):
+        aas.register_scalable_target(ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension=dimension,
+                                     MinCapacity=MIN_INSTANCES, MaxCapacity=MAX_INSTANCES)
+    with autoscaling_errors("PutScalingPolicy"):
+        policy = aas.put_scaling_policy(
+            PolicyName=f"{endpoint}-invocations-per-instance", ServiceNamespace="sagemaker", ResourceId=resource,
+            ScalableDimension=dimension, PolicyType="TargetTrackingScaling",
+            TargetTrackingScalingPolicyConfiguration={
+                "TargetValue": TARGET_INVOCATIONS,
+                "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"},
+                "ScaleOutCooldown": SCALE_OUT_COOLDOWN,
+                "ScaleInCooldown": SCALE_IN_COOLDOWN,
+            },
+        )
     return {"resourceId": resource, "minCapacity": MIN_INSTANCES, "maxCapacity": MAX_INSTANCES,
             "policyArn": policy["PolicyARN"]}
 

@@ -1,7 +1,13 @@
 """Create the SageMaker model and endpoint configuration for an approved model package version.
 
-Data Capture is on (sampling percentage from the stack), volumes are encrypted with the stack's key, and the
-container runs with network isolation. Names derive from the package version, so a repeat finds its own work.
+Data Capture is on (sampling percentage from the stack), the endpoint's storage volume is encrypted with the
+stack's key, and the container runs with network isolation. Names derive from the package version, so a repeat
+finds its own work.
+
+Instance types with local NVMe instance storage (g4dn, g5, g6, p4d, ...) have no EBS volume to encrypt: their
+instance store is encrypted by the instance's hardware, and SageMaker rejects a ``KmsKeyId`` in
+CreateEndpointConfig for them (botocore's documentation of ``CreateEndpointConfigInput.KmsKeyId``), so the key is
+left out there. Data Capture's ``KmsKeyId`` (S3 encryption of the captured requests) is kept for every type.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lesion_common.deployment import VARIANT, versioned_name
+from lesion_common.deployment import VARIANT, is_already_existing, sagemaker_errors, versioned_name
 from lesion_common.errors import InvalidRequestError
+from lesion_common.instances import has_local_nvme
 
 logger = Logger()
 
@@ -29,6 +36,11 @@ CAPTURE_PERCENT = int(os.environ["DATA_CAPTURE_PERCENT"])
 CAPTURE_S3_URI = os.environ["DATA_CAPTURE_S3_URI"]
 SUBNET_IDS = [s for s in os.environ["SUBNET_IDS"].split(",") if s]
 SECURITY_GROUP_IDS = [s for s in os.environ["SECURITY_GROUP_IDS"].split(",") if s]
+# Empty: SageMaker's default hosting AMI. A CUDA 12 GPU image needs a newer driver than the default AMI of the
+# g4dn/g5/p4d families (470), e.g. al2-ami-sagemaker-inference-gpu-3-1 (driver 550).
+INFERENCE_AMI_VERSION = os.environ["INFERENCE_AMI_VERSION"]
+# Decided once, at cold start (an unknown instance type fails here, not mid-deployment).
+LOCAL_NVME = has_local_nvme(INSTANCE_TYPE)
 
 sagemaker = boto3.client("sagemaker")
 
@@ -43,15 +55,53 @@ class PackageApproved(BaseModel):
     ModelApprovalStatus: str = Field(pattern="^Approved$")
 
 
-def _exists(err: ClientError) -> bool:
-    return "already exist" in err.response["Error"].get("Message", "")
+def endpoint_config_request(name: str) -> dict[str, Any]:
+    """The CreateEndpointConfig request for the model ``name`` (the volume key only where SageMaker takes one)."""
+    config: dict[str, Any] = {
+        "EndpointConfigName": name,
+        "ProductionVariants": [{
+            "VariantName": VARIANT,
+            "ModelName": name,
+            "InstanceType": INSTANCE_TYPE,
+            "InitialInstanceCount": INITIAL_INSTANCE_COUNT,
+        }],
+        "DataCaptureConfig": {
+            "EnableCapture": CAPTURE_PERCENT > 0,
+            "InitialSamplingPercentage": max(CAPTURE_PERCENT, 1),
+            "DestinationS3Uri": CAPTURE_S3_URI,
+            "KmsKeyId": KMS_KEY_ARN,
+            "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
+            "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"]},
+        },
+    }
+    if INFERENCE_AMI_VERSION:
+        config["ProductionVariants"][0]["InferenceAmiVersion"] = INFERENCE_AMI_VERSION
+    if not LOCAL_NVME:
+        config["KmsKeyId"] = KMS_KEY_ARN
+    return config
+
+
+def _create_once(call: Any, action: str, request: dict[str, Any]) -> None:
+    """Create, treating SageMaker's "already existing" answer as the earlier attempt's success."""
+    try:
+        with sagemaker_errors(action):
+            call(**request)
+    except ClientError as err:
+        if not is_already_existing(err):
+            raise
 
 
 def create(sm: Any, pkg: PackageApproved) -> dict[str, Any]:
     """Create (or find) the model and the endpoint configuration for this version."""
     name = versioned_name(PROJECT_NAME, pkg.ModelPackageGroupName, pkg.ModelPackageVersion)
-    described = sm.describe_model_package(ModelPackageName=pkg.ModelPackageArn)
+    with sagemaker_errors("DescribeModelPackage"):
+        described = sm.describe_model_package(ModelPackageName=pkg.ModelPackageArn)
     container = described["InferenceSpecification"]["Containers"][0]
+    supported = described["InferenceSpecification"].get("SupportedRealtimeInferenceInstanceTypes") or []
+    if supported and INSTANCE_TYPE not in supported:
+        # Registered before EndpointInstanceType changed: the endpoint follows the stack, the registry keeps its list.
+        logger.warning("the package does not list the endpoint's instance type",
+                       extra={"instanceType": INSTANCE_TYPE, "supported": supported})
     model: dict[str, Any] = {
         "ModelName": name,
         "ExecutionRoleArn": SAGEMAKER_ROLE_ARN,
@@ -65,38 +115,13 @@ def create(sm: Any, pkg: PackageApproved) -> dict[str, Any]:
     }
     if SUBNET_IDS:
         model["VpcConfig"] = {"Subnets": SUBNET_IDS, "SecurityGroupIds": SECURITY_GROUP_IDS}
-    try:
-        sm.create_model(**model)
-    except ClientError as err:
-        if not _exists(err):
-            raise
-    config = {
-        "EndpointConfigName": name,
-        "ProductionVariants": [{
-            "VariantName": VARIANT,
-            "ModelName": name,
-            "InstanceType": INSTANCE_TYPE,
-            "InitialInstanceCount": INITIAL_INSTANCE_COUNT,
-        }],
-        "KmsKeyId": KMS_KEY_ARN,
-        "DataCaptureConfig": {
-            "EnableCapture": CAPTURE_PERCENT > 0,
-            "InitialSamplingPercentage": max(CAPTURE_PERCENT, 1),
-            "DestinationS3Uri": CAPTURE_S3_URI,
-            "KmsKeyId": KMS_KEY_ARN,
-            "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
-            "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"]},
-        },
-    }
-    try:
-        sm.create_endpoint_config(**config)
-    except ClientError as err:
-        if not _exists(err):
-            raise
+    _create_once(sm.create_model, "CreateModel", model)
+    _create_once(sm.create_endpoint_config, "CreateEndpointConfig", endpoint_config_request(name))
     return {
         "modelName": name,
         "endpointConfigName": name,
         "instanceType": INSTANCE_TYPE,
+        "volumeEncryption": "instance-hardware (local NVMe)" if LOCAL_NVME else "kms",
         "modelPackageArn": pkg.ModelPackageArn,
         "modelPackageVersion": pkg.ModelPackageVersion,
         "modelDataUrl": container["ModelDataUrl"],

@@ -1,7 +1,11 @@
 """Evaluate: read the metrics the training job wrote on its test split, and those of the current model.
 
-The job writes ``metrics.json`` into its small ``output.tar.gz`` as well as into the model archive, so this
-handler never downloads the weights.
+The job writes ``metrics.json`` into its small ``output.tar.gz`` (next to ``model.tar.gz``) as well as into the
+model archive, so this handler never downloads the weights. Its input is the finished job as the
+``createTrainingJob.sync`` state returns it (DescribeTrainingJob's shape), so it needs no SageMaker call.
+
+The role may list the job's prefix of the artifacts bucket: without ``s3:ListBucket`` S3 answers a missing key
+with 403 AccessDenied, and a job that wrote no output could not be told from a policy that denies the read.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import boto3
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
+from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lesion_common.errors import InvalidRequestError, MetricsMissingError
+from lesion_common.training_jobs import TrainingOutputAccessDeniedError, TrainingOutputMissingError
 
 logger = Logger()
 metrics = Metrics()
@@ -25,7 +31,6 @@ metrics = Metrics()
 ARTIFACTS_BUCKET = os.environ["ARTIFACTS_BUCKET"]
 
 s3 = boto3.client("s3")
-sagemaker = boto3.client("sagemaker")
 
 GATED_METRICS = ("balanced_accuracy", "macro_auc", "melanoma_sensitivity")
 
@@ -53,9 +58,10 @@ class JobMetrics(BaseModel):
 
 
 class EvaluateEvent(BaseModel):
-    """What the state machine passes in."""
+    """What the state machine passes in: the finished job's name and model artifact."""
 
     training_job_name: str = Field(alias="trainingJobName", min_length=1)
+    model_data_url: str = Field(alias="modelDataUrl", pattern=r"^s3://[^/]+/.+/output/model\.tar\.gz$")
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -69,8 +75,13 @@ def read_job_metrics(client: Any, output_uri: str) -> JobMetrics:
     bucket, key = split_s3_uri(output_uri)
     try:
         body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except client.exceptions.NoSuchKey as err:
-        raise MetricsMissingError(f"{output_uri} does not exist") from err
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code")
+        if code == "NoSuchKey":
+            raise TrainingOutputMissingError(f"{output_uri} does not exist") from err
+        if code == "AccessDenied":
+            raise TrainingOutputAccessDeniedError(f"reading {output_uri} was denied: {err}") from err
+        raise
     try:
         with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as tar:
             member = next((m for m in tar.getmembers() if m.name.lstrip("./") == "metrics.json"), None)
@@ -83,12 +94,9 @@ def read_job_metrics(client: Any, output_uri: str) -> JobMetrics:
         raise MetricsMissingError(f"unreadable metrics.json in {output_uri}: {err}") from err
 
 
-def evaluate(sm: Any, client: Any, job_name: str) -> dict[str, Any]:
+def evaluate(client: Any, job_name: str, model_data_url: str) -> dict[str, Any]:
     """Collect the candidate's and the baseline's test metrics and store the report for the Model Registry."""
-    job = sm.describe_training_job(TrainingJobName=job_name)
-    if job["TrainingJobStatus"] != "Completed":
-        raise MetricsMissingError(f"training job {job_name} is {job['TrainingJobStatus']}, not Completed")
-    output_uri = f"{job['OutputDataConfig']['S3OutputPath'].rstrip('/')}/{job_name}/output/output.tar.gz"
+    output_uri = model_data_url.removesuffix("model.tar.gz") + "output.tar.gz"
     report = read_job_metrics(client, output_uri)
     metrics_key = f"evaluations/{job_name}/metrics.json"
     client.put_object(
@@ -99,7 +107,7 @@ def evaluate(sm: Any, client: Any, job_name: str) -> dict[str, Any]:
     )
     return {
         "trainingJobName": job_name,
-        "modelDataUrl": job["ModelArtifacts"]["S3ModelArtifacts"],
+        "modelDataUrl": model_data_url,
         "metricsS3Uri": f"s3://{ARTIFACTS_BUCKET}/{metrics_key}",
         "architecture": report.architecture,
         "classes": report.classes,
@@ -117,7 +125,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         req = EvaluateEvent.model_validate(event)
     except ValidationError as err:
         raise InvalidRequestError(f"invalid evaluate request: {err}") from err
-    result = evaluate(sagemaker, s3, req.training_job_name)
+    result = evaluate(s3, req.training_job_name, req.model_data_url)
     for name in GATED_METRICS:
         metrics.add_metric(name=f"Candidate_{name}", unit=MetricUnit.Count, value=result["metrics"][name])
     return result

@@ -2,6 +2,10 @@
 
 The package is ``PendingManualApproval`` unless the stack's ``AutoApprove`` says otherwise; approving it (in the
 console or with ``aws sagemaker update-model-package``) is what starts a deployment.
+
+The package's supported real-time instance type is the one the stack's endpoint runs on (``EndpointInstanceType``,
+also what create_model_config puts in the endpoint configuration): one source, so the registry never advertises a
+type the deployment does not use.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ MODEL_PACKAGE_GROUP = os.environ["MODEL_PACKAGE_GROUP"]
 INFERENCE_IMAGE_URI = os.environ["INFERENCE_IMAGE_URI"]
 AUTO_APPROVE = os.environ["AUTO_APPROVE"].lower() == "true"
 IDEMPOTENCY_TABLE = os.environ["IDEMPOTENCY_TABLE"]
-INFERENCE_INSTANCE_TYPES = os.environ["INFERENCE_INSTANCE_TYPES"].split(",")
+ENDPOINT_INSTANCE_TYPE = os.environ["ENDPOINT_INSTANCE_TYPE"]
 
 sagemaker = boto3.client("sagemaker")
 # Events and retries can deliver the same registration twice; one training job gives one package.
@@ -73,7 +77,7 @@ def package_request(req: RegisterEvent) -> dict[str, Any]:
             "Containers": [{"Image": INFERENCE_IMAGE_URI, "ModelDataUrl": ev.model_data_url}],
             "SupportedContentTypes": ["image/jpeg", "image/png", "application/x-image", "application/json"],
             "SupportedResponseMIMETypes": ["application/json"],
-            "SupportedRealtimeInferenceInstanceTypes": INFERENCE_INSTANCE_TYPES,
+            "SupportedRealtimeInferenceInstanceTypes": [ENDPOINT_INSTANCE_TYPE],
         },
         "ModelApprovalStatus": "Approved" if AUTO_APPROVE else "PendingManualApproval",
         "ModelMetrics": {

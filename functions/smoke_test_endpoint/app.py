@@ -2,6 +2,11 @@
 
 ``known_lesion.jpg`` is HAM10000 image ISIC_0024323 (a histopathology-confirmed melanoma; Tschandl et al. 2018,
 CC BY-NC 4.0), packaged with the function so the test needs no bucket access.
+
+Every way the check can fail is a ``SmokeTestFailedError``, the error the state machine rolls back on: a wrong or
+slow answer, and also the model answering 4xx/5xx (botocore's ``ModelError``), a model not ready, any other
+InvokeEndpoint error code, and a timed-out or refused connection. Anything else would end the execution without a
+rollback and leave the new model serving.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import Any
 import boto3
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, Field, ValidationError
 
 from lesion_common.errors import InvalidRequestError, SmokeTestFailedError
@@ -25,7 +32,11 @@ logger = Logger()
 MAX_LATENCY_MS = float(os.environ["SMOKE_TEST_MAX_LATENCY_MS"])
 KNOWN_IMAGE = (Path(__file__).parent / "known_lesion.jpg").read_bytes()
 
-runtime = boto3.client("sagemaker-runtime")
+# Two tries of at most 5 + 20 s fit the function's timeout, so a hanging endpoint fails the test instead of timing
+# the function out (which the state machine could not tell from a Lambda fault).
+READ_TIMEOUT_S = 20
+runtime = boto3.client("sagemaker-runtime", config=Config(connect_timeout=5, read_timeout=READ_TIMEOUT_S,
+                                                          retries={"mode": "standard", "total_max_attempts": 2}))
 
 
 class SmokeRequest(BaseModel):
@@ -44,6 +55,8 @@ def check_answer(answer: Any) -> list[str]:
     probs = prediction.get("probabilities")
     if not isinstance(probs, dict) or len(probs) < 2:
         problems.append("no per-class probabilities")
+    elif not all(isinstance(v, int | float) and not isinstance(v, bool) for v in probs.values()):
+        problems.append("probabilities are not all numbers")
     else:
         values = [float(v) for v in probs.values()]
         if any(not 0.0 <= v <= 1.0 or math.isnan(v) for v in values) or abs(sum(values) - 1.0) > 1e-3:
@@ -56,18 +69,41 @@ def check_answer(answer: Any) -> list[str]:
     return problems
 
 
+def invoke(client: Any, endpoint: str) -> tuple[bytes, float]:
+    """One InvokeEndpoint with the known image: the body and the latency in ms.
+
+    Raises
+    ------
+    SmokeTestFailedError
+        Whatever InvokeEndpoint raised, with its code (and, for ``ModelError``, the model's own status).
+    """
+    started = time.perf_counter()
+    try:
+        response = client.invoke_endpoint(EndpointName=endpoint, ContentType="image/jpeg",
+                                          Accept="application/json", Body=KNOWN_IMAGE)
+        body = response["Body"].read()
+    except ClientError as err:
+        error = err.response.get("Error", {})
+        detail = f"{error.get('Code', 'ClientError')}: {error.get('Message', '')}"
+        if "OriginalStatusCode" in err.response:
+            detail += f" (the model answered {err.response['OriginalStatusCode']})"
+        raise SmokeTestFailedError(f"{endpoint}: InvokeEndpoint failed: {detail}"[:2000]) from err
+    except BotoCoreError as err:  # ReadTimeoutError, ConnectTimeoutError, EndpointConnectionError, ...
+        raise SmokeTestFailedError(f"{endpoint}: InvokeEndpoint failed: {type(err).__name__}: {err}"[:2000]) from err
+    return body, (time.perf_counter() - started) * 1000
+
+
 def smoke_test(client: Any, req: SmokeRequest) -> dict[str, Any]:
     """Invoke once; raise SmokeTestFailedError with every problem found."""
-    started = time.perf_counter()
-    response = client.invoke_endpoint(EndpointName=req.endpoint_name, ContentType="image/jpeg",
-                                      Accept="application/json", Body=KNOWN_IMAGE)
-    latency_ms = (time.perf_counter() - started) * 1000
-    body = response["Body"].read()
+    body, latency_ms = invoke(client, req.endpoint_name)
     try:
         answer = json.loads(body)
     except ValueError:
         answer = body[:200].decode(errors="replace")
-    problems = check_answer(answer)
+    try:
+        problems = check_answer(answer)
+    except (KeyError, IndexError, TypeError, ValueError) as err:
+        problems = [f"the answer has an unexpected shape ({type(err).__name__}: {err}): {str(answer)[:200]}"]
     if latency_ms > MAX_LATENCY_MS:
         problems.append(f"latency {latency_ms:.0f} ms over {MAX_LATENCY_MS:.0f} ms")
     if problems:

@@ -107,8 +107,9 @@ def test_retraining_succeeds_and_registers_a_model(tmp_path: Path, small_dataset
         _upload(cloud, small_dataset)
         execution = _request_retraining(cloud)
         assert execution["status"] == "SUCCEEDED", execution.get("cause")
-        assert _states(cloud, execution) == ["CheckData", "EnoughData?", "TrainModel", "EvaluateModel", "GateModel",
-                                             "PassedGate?", "RegisterModel", "NotifySuccess", "Registered"]
+        assert _states(cloud, execution) == ["CheckData", "EnoughData?", "PrepareTraining", "TrainingJobDone?",
+                                             "TrainModel", "EvaluateModel", "GateModel", "PassedGate?",
+                                             "RegisterModel", "NotifySuccess", "Registered"]
         output = json.loads(execution["output"])
         assert output["data"]["result"]["trigger"]["type"] == "manual"
         assert output["data"]["result"]["trigger"]["requestedBy"] == "dermatology-ml-team"
@@ -134,9 +135,10 @@ def test_retraining_succeeds_and_registers_a_model(tmp_path: Path, small_dataset
         assert all(isinstance(v, str) for v in hps.values())
         notes = cloud.read_notifications()
         assert any("registered" in n["subject"] for n in notes)
-        callback = cloud.runtime.find("HandleTrainingEventFunction")
-        outcomes = [i["result"]["outcome"] for i in callback.invocations if i.get("ok")]
-        assert outcomes.count("sent") == 1 and "heartbeat" in outcomes
+        # The state machine ran the job (createTrainingJob.sync); the Lambda only prepared the request.
+        (prepared,) = [i["result"] for i in cloud.runtime.find("PrepareTrainingFunction").invocations if i.get("ok")]
+        assert prepared["request"]["TrainingJobName"] == job["TrainingJobName"]
+        assert output["training"]["ModelArtifacts"]["S3ModelArtifacts"] == model_url
 
 
 def test_too_little_data_ends_without_training_and_notifies(tmp_path: Path, small_dataset: Path, quiet: None) -> None:
@@ -159,11 +161,37 @@ def test_failed_training_job_reports_its_reason(tmp_path: Path, small_dataset: P
         assert execution["status"] == "FAILED"
         assert execution["error"] == "TrainingJobFailedError"
         assert "epochs" in execution["cause"] and "abc" in execution["cause"]
+        assert "ReadTrainingFailure" in _states(cloud, execution)  # the .sync failure's cause, parsed
         job_name = cloud.runners[0].name
         job = boto3.client("sagemaker", region_name=REGION).describe_training_job(TrainingJobName=job_name)
         assert job["TrainingJobStatus"] == "Failed" and "epochs" in job["FailureReason"]
         (note,) = cloud.read_notifications()
         assert "failed" in note["subject"] and "epochs" in note["message"] and "abc" in note["message"]
+
+
+def test_aborting_the_retraining_stops_its_training_job(tmp_path: Path, small_dataset: Path, quiet: None) -> None:
+    """With createTrainingJob.sync, StopExecution stops the job (the task-token wait left it running)."""
+    slow = json.dumps({**json.loads(FAST_HPS), "epochs": "50", "freeze_epochs": "0"})
+    with _cloud(tmp_path, TrainingHyperparameters=slow) as cloud:
+        _upload(cloud, small_dataset)
+        boto3.client("events", region_name=REGION).put_events(Entries=[{
+            "Source": f"{cloud.resolver.parameters['ProjectName']}.pipeline", "DetailType": "RetrainingRequested",
+            "Detail": json.dumps({"reason": "abort test", "requestedBy": "e2e"})}])
+        cloud.bus.drain()
+        sfn = boto3.client("stepfunctions", region_name=REGION)
+        (execution,) = sfn.list_executions(stateMachineArn=cloud.output("RetrainingStateMachineArn"))["executions"]
+        sm = boto3.client("sagemaker", region_name=REGION)
+        deadline = time.monotonic() + 300
+        while not (cloud.runners and cloud.runners[0].job.secondary_status == "Training"):
+            assert time.monotonic() < deadline, "the training job never started"
+            time.sleep(0.5)
+        (runner,) = cloud.runners
+        sfn.stop_execution(executionArn=execution["executionArn"], error="Operator", cause="abort test")
+        runner.thread.join(timeout=120)
+        job = sm.describe_training_job(TrainingJobName=runner.name)
+        assert job["TrainingJobStatus"] == "Stopped"
+        assert runner.proc is not None and runner.proc.poll() is not None
+        assert sfn.describe_execution(executionArn=execution["executionArn"])["status"] == "ABORTED"
 
 
 def test_model_failing_the_gate_is_not_registered(tmp_path: Path, small_dataset: Path, quiet: None) -> None:

@@ -17,7 +17,7 @@ from localmode.cloud import REGION
 from localmode.lambdas import ENVIRONMENT_LIMIT_BYTES, check_environment_size, environment_size
 from localmode.template import Resolver, TemplateRuleError, function_environment, load_template
 from tools.redrive_failed_events import main as redrive_main
-from tools.redrive_failed_events import parse_message, redrive_queue
+from tools.redrive_failed_events import parse_message, redrive_queue, send
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = load_template(REPO / "template.yaml")
@@ -148,13 +148,28 @@ def test_failed_async_invocation_lands_in_the_queue_and_is_redriven(tmp_path: Pa
         assert sqs.receive_message(QueueUrl=queue_url, WaitTimeSeconds=0).get("Messages", []) == []
 
 
-def test_dead_letter_of_a_state_machine_target_starts_an_execution() -> None:
-    message = {"MessageId": "m1", "Body": '{"trigger": {"type": "schedule"}}',
-               "MessageAttributes": {"TARGET_ARN": {"StringValue": "arn:aws:states:eu-west-1:1:stateMachine:s-r",
-                                                    "DataType": "String"}}}
-    redrive = parse_message(message)
-    assert (redrive.kind, redrive.target, redrive.payload) == ("states", "arn:aws:states:eu-west-1:1:stateMachine:s-r",
-                                                               message["Body"])
+def test_dead_letter_of_a_state_machine_target_starts_an_execution_with_the_rules_input() -> None:
+    """A dead letter holds the event; the target's input is rebuilt with the rule's InputTransformer."""
+    from moto import mock_aws
+
+    machine = "arn:aws:states:eu-west-1:123456789012:stateMachine:s-retraining"
+    with mock_aws():
+        events = boto3.client("events", region_name="eu-west-1")
+        rule_arn = events.put_rule(Name="s-Manual-X", EventPattern='{"source": ["p.pipeline"]}')["RuleArn"]
+        events.put_targets(Rule="s-Manual-X", Targets=[{"Id": "t", "Arn": machine, "InputTransformer": {
+            "InputPathsMap": {"reason": "$.detail.reason"},
+            "InputTemplate": '{"trigger": {"type": "manual", "reason": <reason>}}'}}])
+        event = {"source": "p.pipeline", "detail-type": "RetrainingRequested", "detail": {"reason": "new data"}}
+        message = {"MessageId": "m1", "Body": json.dumps(event), "MessageAttributes": {
+            "TARGET_ARN": {"StringValue": machine, "DataType": "String"},
+            "RULE_ARN": {"StringValue": rule_arn, "DataType": "String"}}}
+        redrive = parse_message(message)
+        assert (redrive.kind, redrive.target, redrive.rule_arn) == ("states", machine, rule_arn)
+        recorder = _Recorder()
+        send(redrive, recorder, recorder, events)
+    (kind, call), = recorder.calls
+    assert kind == "start_execution" and call["stateMachineArn"] == machine
+    assert json.loads(call["input"]) == {"trigger": {"type": "manual", "reason": "new data"}}
 
 
 def test_unknown_message_is_kept_and_reported(capsys: pytest.CaptureFixture[str]) -> None:
@@ -182,3 +197,13 @@ def test_redrive_cli_without_credentials_is_one_line(monkeypatch: pytest.MonkeyP
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: no AWS credentials")
+
+
+@pytest.mark.parametrize("logical_id", sorted(k for k, v in TEMPLATE["Resources"].items()
+                                              if v["Type"] == "AWS::Serverless::StateMachine"))
+def test_every_rule_that_starts_an_execution_has_a_dead_letter_queue(logical_id: str) -> None:
+    """A trigger EventBridge cannot deliver (throttled StartExecution, a role problem) waits in the queue."""
+    events = TEMPLATE["Resources"][logical_id]["Properties"].get("Events", {})
+    assert events
+    for name, event in events.items():
+        assert event["Properties"]["DeadLetterConfig"] == {"Arn": {"Fn::GetAtt": ["FailedEventsQueue", "Arn"]}}, name

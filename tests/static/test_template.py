@@ -87,13 +87,6 @@ def test_lambdas_never_import_torch_or_sagemaker_sdk() -> None:
     assert not offenders
 
 
-def test_metric_definitions_in_template_equal_the_training_images() -> None:
-    env = RESOURCES["LaunchTrainingFunction"]["Properties"]["Environment"]["Variables"]
-    in_template = json.loads(env["METRIC_DEFINITIONS"])
-    in_image = json.loads((REPO / "training_image" / "metric_definitions.json").read_text())
-    assert in_template == in_image
-
-
 def test_template_resolves_with_defaults() -> None:
     """Every parameter the template needs has a value in each samconfig environment or a default."""
     params = {"TrainingImageUri": "x", "InferenceImageUri": "y"}
@@ -129,8 +122,6 @@ def _resolve_pattern(pattern: dict) -> dict:
 SAMPLES = {
     "ValidateImageFunctionUpload": ("validate_image/object_created.json", ("detail", "object", "key"),
                                     "validated/ISIC_0024306.jpg"),
-    "HandleTrainingEventFunctionTrainingJobStateChange": ("handle_training_event/training_completed.json",
-                                                          ("detail", "TrainingJobName"), "someone-elses-job"),
     "RetrainingStateMachineDriftAlarm": ("retraining/drift_alarm.json", ("detail", "state", "value"), "OK"),
     "RetrainingStateMachineManual": ("retraining/manual_request.json", ("detail-type",), "RetrainingApproved"),
     "EvaluateQualityFunctionGroundTruth": ("monitoring/ground_truth_uploaded.json", ("detail", "object", "key"),
@@ -157,12 +148,6 @@ def test_rule_matches_its_sample_and_rejects_a_near_miss(rule: str) -> None:
         target = target[part]
     target[path[-1]] = wrong_value
     assert not pattern_matches(pattern, near_miss)
-
-
-def test_failed_training_event_also_matches() -> None:
-    pattern = _resolve_pattern(_rules()["HandleTrainingEventFunctionTrainingJobStateChange"]["Pattern"])
-    event = json.loads((REPO / "events" / "handle_training_event" / "training_failed.json").read_text())
-    assert pattern_matches(pattern, event)
 
 
 @pytest.mark.tools

@@ -19,7 +19,7 @@ from lesionml.labels import LABEL_SETS
 from lesionml.models import build_model, load_torchscript
 from lesionml.preprocessing import preprocess_batch, read_spec
 
-METRIC_DEFINITIONS = ROOT / "training_image" / "metric_definitions.json"
+METRIC_DEFINITIONS = ROOT / "layers" / "common" / "lesion_common" / "metric_definitions.json"
 SPLIT_KEYS = {
     "balanced_accuracy", "accuracy", "macro_auc", "melanoma_sensitivity", "melanoma_specificity",
     "melanoma_sensitivity_at_spec90", "ece", "per_class", "confusion_matrix",

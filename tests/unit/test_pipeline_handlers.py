@@ -130,15 +130,8 @@ METRICS = {
 }
 
 
-def _put_job_output(files: dict[str, bytes]) -> str:
-    sm = boto3.client("sagemaker")
-    sm.create_training_job(
-        TrainingJobName="skinlesion-run-1", RoleArn="arn:aws:iam::123456789012:role/sm",
-        AlgorithmSpecification={"TrainingImage": "img", "TrainingInputMode": "File"},
-        OutputDataConfig={"S3OutputPath": "s3://artifacts/training-jobs/"},
-        ResourceConfig={"InstanceType": "ml.m5.large", "InstanceCount": 1, "VolumeSizeInGB": 1},
-        StoppingCondition={"MaxRuntimeInSeconds": 60},
-    )
+def _put_job_output(files: dict[str, bytes]) -> dict[str, str]:
+    """The job's output.tar.gz in S3, and the evaluate input the .sync state's output gives for that job."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for name, data in files.items():
@@ -147,26 +140,37 @@ def _put_job_output(files: dict[str, bytes]) -> str:
             tar.addfile(info, io.BytesIO(data))
     boto3.client("s3").put_object(Bucket="artifacts", Key="training-jobs/skinlesion-run-1/output/output.tar.gz",
                                   Body=buf.getvalue())
-    return "skinlesion-run-1"
+    return {"trainingJobName": "skinlesion-run-1",
+            "modelDataUrl": "s3://artifacts/training-jobs/skinlesion-run-1/output/model.tar.gz"}
 
 
 def test_evaluate_reads_metrics_from_output_tar(aws: None, monkeypatch) -> None:
-    job = _put_job_output({"metrics.json": json.dumps(METRICS).encode(), "evaluation/confusion.png": b"png"})
+    event = _put_job_output({"metrics.json": json.dumps(METRICS).encode(), "evaluation/confusion.png": b"png"})
     app = load_handler("evaluate_model", {"ARTIFACTS_BUCKET": "artifacts"}, monkeypatch)
-    out = app.lambda_handler({"trainingJobName": job}, Context())
+    out = app.lambda_handler(event, Context())
     assert out["metrics"]["balanced_accuracy"] == 0.61 and out["baseline"] is None
     assert out["metricsS3Uri"] == "s3://artifacts/evaluations/skinlesion-run-1/metrics.json"
+    assert out["modelDataUrl"] == event["modelDataUrl"]
     key = "evaluations/skinlesion-run-1/metrics.json"
     stored = json.loads(boto3.client("s3").get_object(Bucket="artifacts", Key=key)["Body"].read())
     assert stored["architecture"] == "efficientnet_lite0"
 
 
-@pytest.mark.parametrize("files", [{}, {"metrics.json": b"{not json"}, {"metrics.json": b'{"classes": []}'}])
+def test_evaluate_sample_event_is_valid(monkeypatch) -> None:
+    app = load_handler("evaluate_model", {"ARTIFACTS_BUCKET": "artifacts"}, monkeypatch)
+    event = json.loads((REPO / "events" / "evaluate_model" / "event.json").read_text())
+    assert app.EvaluateEvent.model_validate(event).model_data_url.endswith("/output/model.tar.gz")
+    with pytest.raises(Exception) as info:
+        app.lambda_handler({"trainingJobName": "j"}, Context())
+    assert type(info.value).__name__ == "InvalidRequestError"
+
+
+@pytest.mark.parametrize("files", [{"metrics.json": b"{not json"}, {"metrics.json": b'{"classes": []}'}, {"x": b""}])
 def test_evaluate_missing_or_bad_metrics_is_a_named_error(aws: None, monkeypatch, files: dict) -> None:
-    job = _put_job_output(files)
+    event = _put_job_output(files)
     app = load_handler("evaluate_model", {"ARTIFACTS_BUCKET": "artifacts"}, monkeypatch)
     with pytest.raises(Exception) as info:
-        app.lambda_handler({"trainingJobName": job}, Context())
+        app.lambda_handler(event, Context())
     assert type(info.value).__name__ == "MetricsMissingError"
 
 
@@ -201,7 +205,7 @@ def test_gate_rejects_a_regression_against_the_current_model(monkeypatch) -> Non
 
 # ------------------------------------------------------------------ register
 REGISTER_ENV = {"MODEL_PACKAGE_GROUP": "grp", "INFERENCE_IMAGE_URI": "img:1", "AUTO_APPROVE": "false",
-                "IDEMPOTENCY_TABLE": "idem", "INFERENCE_INSTANCE_TYPES": "ml.g5.xlarge,ml.c6i.xlarge"}
+                "IDEMPOTENCY_TABLE": "idem", "ENDPOINT_INSTANCE_TYPE": "ml.c5.xlarge"}
 
 
 def _register_event() -> dict[str, Any]:
@@ -216,6 +220,8 @@ def test_register_attaches_metrics_and_waits_for_approval(aws: None, monkeypatch
     assert pkg["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"].endswith("metrics.json")
     assert pkg["CustomerMetadataProperties"]["test_balanced_accuracy"] == "0.7800"
     assert pkg["InferenceSpecification"]["Containers"][0]["Image"] == "img:1"
+    # One source of truth: the package supports exactly the type the endpoint is deployed on.
+    assert pkg["InferenceSpecification"]["SupportedRealtimeInferenceInstanceTypes"] == ["ml.c5.xlarge"]
 
 
 def test_register_twice_gives_one_package(aws: None, monkeypatch) -> None:

@@ -1,0 +1,1 @@
+"""IAM enforcement in local mode: evaluator, call mapping, enforcement hooks and the mutation test."""
