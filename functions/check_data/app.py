@@ -3,6 +3,10 @@
 Reads the manifest table (not a bucket listing), counts validated images per class and those added since the
 last registered model, and, when the minimums are met, writes the train/validation/test manifests (split by
 lesion, as recorded at validation time) and a SageMaker ManifestFile for the images channel.
+
+The dataset holds each picture once (items with equal clean-bytes sha256 are one picture recorded twice), and
+pictures that are linked (the same lesion, or the same picture under two lesions) share one split, so that no
+picture and no lesion is on both sides of a split even when validation let a copy through.
 """
 
 from __future__ import annotations
@@ -82,8 +86,20 @@ def last_model_time(sm: Any, group: str) -> datetime | None:
 
 def validated_images(tbl: Any) -> list[dict[str, Any]]:
     """All manifest items with status VALIDATED, through the by-status index."""
+    return _items_with_status(tbl, "VALIDATED")
+
+
+def duplicate_links(tbl: Any) -> list[dict[str, Any]]:
+    """``image_id, lesion_id, duplicate_of`` of every DUPLICATE item: a picture already in the data under
+    another id, which links its lesion to that picture's."""
+    return _items_with_status(tbl, "DUPLICATE", "image_id, lesion_id, duplicate_of")
+
+
+def _items_with_status(tbl: Any, status: str, projection: str | None = None) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
-    kwargs: dict[str, Any] = {"IndexName": "by-status", "KeyConditionExpression": Key("status").eq("VALIDATED")}
+    kwargs: dict[str, Any] = {"IndexName": "by-status", "KeyConditionExpression": Key("status").eq(status)}
+    if projection:
+        kwargs["ProjectionExpression"] = projection
     while True:
         page = tbl.query(**kwargs)
         items.extend(page["Items"])
@@ -101,8 +117,76 @@ def _parse_time(value: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+class _Groups:
+    """Union-find over string keys."""
+
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, key: str) -> str:
+        root = self.parent.setdefault(key, key)
+        while root != self.parent[root]:
+            root = self.parent[root]
+        while key != root:  # path compression
+            self.parent[key], key = root, self.parent[key]
+        return root
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def _lesion(item: dict[str, Any]) -> str:
+    return str(item.get("lesion_id") or item["image_id"])
+
+
+def one_row_per_picture(
+    items: list[dict[str, Any]], links: list[dict[str, Any]], classes: list[str]
+) -> tuple[list[dict[str, Any]], int]:
+    """The labelled items to train on: each picture once, linked pictures in one split.
+
+    Items with the same clean-bytes ``sha256`` are one picture recorded twice (two copies validated at the same
+    moment, before either was visible to the other's duplicate check): the one with the smallest image id stays.
+    Items are linked when they share a lesion, share a ``sha256``, or when a DUPLICATE item (``links``) ties its
+    lesion to the picture it copies; every linked group takes the split recorded for its smallest
+    ``(lesion_id, image_id)``, so a picture or a lesion known under two names cannot straddle two splits.
+
+    Returns
+    -------
+    (rows, dropped)
+        New dicts (the items are not changed), and how many copies were left out.
+    """
+    groups = _Groups()
+    for item in items:
+        node = "image:" + str(item["image_id"])
+        groups.union(node, "lesion:" + _lesion(item))
+        if item.get("sha256"):
+            groups.union(node, "sha256:" + str(item["sha256"]))
+    for link in links:
+        if link.get("duplicate_of"):
+            groups.union("lesion:" + _lesion(link), "image:" + str(link["duplicate_of"]))
+
+    labelled = sorted((i for i in items if i.get("label") in classes), key=lambda i: str(i["image_id"]))
+    kept: dict[str, dict[str, Any]] = {}
+    for item in labelled:  # smallest image id first, so it is the copy that stays
+        kept.setdefault(str(item.get("sha256") or "image:" + str(item["image_id"])), item)
+    first_of_group: dict[str, dict[str, Any]] = {}
+    for item in sorted(items, key=lambda i: (_lesion(i), str(i["image_id"]))):
+        first_of_group.setdefault(groups.find("image:" + str(item["image_id"])), item)
+    rows = []
+    for item in kept.values():
+        split = first_of_group[groups.find("image:" + str(item["image_id"]))].get("split")
+        rows.append({**item, "split": split})
+    return rows, len(labelled) - len(rows)
+
+
 def assess(
-    items: list[dict[str, Any]], classes: list[str], since: datetime | None, force: bool
+    items: list[dict[str, Any]],
+    classes: list[str],
+    since: datetime | None,
+    force: bool,
+    links: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Count images per class and split, and decide whether the data suffices.
 
@@ -110,9 +194,10 @@ def assess(
     -------
     dict
         ``enough`` (bool), ``reasons`` (why not), ``counts``, ``splitCounts``, ``newImages``, ``totalImages``,
-        and ``rows`` (the usable items).
+        ``droppedCopies`` (items left out as copies of another, see :func:`one_row_per_picture`), and ``rows``
+        (the usable items, each picture once).
     """
-    rows = [i for i in items if i.get("label") in classes]
+    rows, dropped = one_row_per_picture(items, links or [], classes)
     new = [r for r in rows if since is None or _parse_time(str(r.get("validated_at", ""))) > since]
     counts = Counter(r["label"] for r in rows)
     split_counts = {s: Counter(r["label"] for r in rows if r.get("split") == s) for s in SPLITS}
@@ -132,6 +217,7 @@ def assess(
         "splitCounts": {s: sum(split_counts[s].values()) for s in SPLITS},
         "newImages": len(new),
         "totalImages": len(rows),
+        "droppedCopies": dropped,
         "rows": rows,
     }
 
@@ -173,7 +259,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         raise InvalidRequestError(f"invalid retraining request: {err}") from err
     classes = classes_for(LABEL_SET)
     since = last_model_time(sagemaker, MODEL_PACKAGE_GROUP)
-    result = assess(validated_images(table), classes, since, req.request.force)
+    result = assess(validated_images(table), classes, since, req.request.force, duplicate_links(table))
     rows = result.pop("rows")
     metrics.add_metric(name="NewValidatedImages", unit=MetricUnit.Count, value=result["newImages"])
     out: dict[str, Any] = {

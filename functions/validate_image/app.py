@@ -1,10 +1,16 @@
 """Validate every upload to the data bucket's ``incoming/`` prefix (EventBridge S3 "Object Created").
 
 An image is decoded and checked (``lesion_imaging.validation``); a good one is written, clean, to
-``validated/<image_id>.jpg`` and recorded in the manifest table as VALIDATED, or as DUPLICATE when the same or
-nearly the same picture is already there under another id. A bad one is copied with its reason to
-``quarantine/`` and recorded as QUARANTINED. A metadata CSV (HAM10000 or ISIC 2019 ground truth) sets labels and
-lesions on the manifest items. The upload itself is never deleted or changed.
+``validated/<sha256 of the clean JPEG>.jpg`` and recorded in the manifest table as VALIDATED, or as DUPLICATE
+when the same or nearly the same picture is already there under another id. A bad one is copied with its reason
+to ``quarantine/`` and recorded as QUARANTINED. A metadata CSV (HAM10000 or ISIC 2019 ground truth) sets labels
+and lesions on the manifest items; a bad row is skipped and reported, and the file is copied to ``quarantine/``
+with the rejected rows. The upload itself is never deleted or changed.
+
+The image id is the file name. When that name already stands for a different picture (another key and other
+bytes: the same file name in two folders), the upload gets its own item, ``<name>-<12 hex of its sha256>``,
+claimed with a conditional write so that two such uploads at once cannot both take the name. The clean copy's key
+is content-derived, so two pictures can never overwrite each other in ``validated/``.
 
 Every outcome is idempotent: the manifest item is keyed by the image id and written with expressions that give
 the same item whatever the order or repetition of events. Unexpected AWS errors propagate so that Lambda retries.
@@ -33,7 +39,14 @@ from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lesion_common.errors import InvalidRequestError
-from lesion_common.labels import ALL_CODES, MetadataFormatError, classes_for, is_valid_image_id, parse_metadata_csv
+from lesion_common.labels import (
+    ALL_CODES,
+    DuplicateColumnError,
+    MetadataFormatError,
+    classes_for,
+    is_valid_image_id,
+    parse_metadata_csv,
+)
 from lesion_common.splits import assign_split
 from lesion_imaging.validation import (
     NEAR_DUPLICATE_BITS,
@@ -71,6 +84,9 @@ VALIDATED: Final = "VALIDATED"
 DUPLICATE: Final = "DUPLICATE"
 QUARANTINED: Final = "QUARANTINED"
 LABEL_ONLY: Final = "LABEL_ONLY"
+# An image id that has to tell two pictures of one file name apart: "<name>-" + this many hex digits of the
+# upload's sha256 (48 bits), within the 128 characters of an id.
+ID_SUFFIX_HEX: Final = 12
 # CopyObject's limit; a larger upload is left where it is and only its reason is written.
 MAX_COPY_BYTES: Final = 5 * 1024**3
 MAX_REPORTED_ROWS: Final = 1000
@@ -171,6 +187,17 @@ def route(key: str) -> Literal["ignore", "csv", "image"]:
 def image_id_for(key: str) -> str:
     """The image id: the file name without its extension (``incoming/x/ISIC_0024306.jpg`` -> ``ISIC_0024306``)."""
     return PurePosixPath(key).stem
+
+
+def alternate_id_for(image_id: str, source_sha256: str) -> str:
+    """The id of an upload whose file name already stands for another picture: ``<name>-<12 hex of sha256>``."""
+    return f"{image_id[: 127 - ID_SUFFIX_HEX]}-{source_sha256[:ID_SUFFIX_HEX]}"
+
+
+def clean_key_for(sha256: str) -> str:
+    """``validated/<sha256>.jpg``: derived from the clean bytes, so one picture has one key and no other picture
+    can overwrite it; a redelivered event writes the same bytes again."""
+    return f"{VALIDATED_PREFIX}{sha256}.jpg"
 
 
 def label_for(key: str) -> str | None:
@@ -325,6 +352,46 @@ def get_item(client: Any, table: str, image_id: str) -> dict[str, Any] | None:
     return {k: next(iter(v.values())) for k, v in item.items()}
 
 
+def holds_other_upload(item: Mapping[str, Any] | None, source_key: str, source_sha256: str | None) -> bool:
+    """Whether a manifest item stands for a different upload: another key and other bytes.
+
+    An item a CSV made (no ``source_key``) is waiting for its picture; the same key is a redelivery or a
+    replacement of the file; the same bytes are the same picture from another folder. All of those are this
+    upload's to take. ``source_sha256`` None (an upload too large to read) compares by key alone.
+    """
+    if item is None or "source_key" not in item or item["source_key"] == source_key:
+        return False
+    return source_sha256 is None or item.get("source_sha256") != source_sha256
+
+
+def resolve_image_id(
+    client: Any, table: str, name: str, source_key: str, source_sha256: str
+) -> tuple[str, dict[str, Any] | None]:
+    """The manifest id of an upload and its item as it stands: ``name`` (the file name) unless that item stands
+    for a different upload (:func:`holds_other_upload`), then :func:`alternate_id_for`."""
+    existing = get_item(client, table, name)
+    if not holds_other_upload(existing, source_key, source_sha256):
+        return name, existing
+    other = alternate_id_for(name, source_sha256)
+    return other, get_item(client, table, other)
+
+
+def _claim(update: dict[str, Any], source_key: str, source_sha256: str | None) -> str:
+    """Add to ``update`` the names and values of "this item is free or this upload's"; return that condition.
+
+    The test of :func:`holds_other_upload`, made by DynamoDB at the write: of two different pictures with one
+    file name written at once, only one gets the name.
+    """
+    update["ExpressionAttributeNames"]["#claim_key"] = "source_key"
+    update["ExpressionAttributeValues"][":claim_key"] = {"S": source_key}
+    condition = "attribute_not_exists(#claim_key) OR #claim_key = :claim_key"
+    if source_sha256 is not None:
+        update["ExpressionAttributeNames"]["#claim_sha"] = "source_sha256"
+        update["ExpressionAttributeValues"][":claim_sha"] = {"S": source_sha256}
+        condition += " OR #claim_sha = :claim_sha"
+    return f"({condition})"
+
+
 def find_duplicate(
     client: Any, table: str, image_id: str, sha256: str, phash: str, max_bits: int
 ) -> tuple[str, int] | None:
@@ -333,7 +400,8 @@ def find_duplicate(
 
     Reads ``image_id, sha256, phash`` of every VALIDATED item through the ``by-status`` index: about 150 bytes
     an item, so 25k images are a few 1 MB pages. Two copies uploaded at the same instant can both pass (the
-    index is eventually consistent); check_data's dataset build is the place that can also drop equal sha256s.
+    index is eventually consistent); check_data's dataset build drops equal sha256s and keeps linked pictures in
+    one split.
     """
     best: tuple[int, str] | None = None
     pages = client.get_paginator("query").paginate(
@@ -369,11 +437,18 @@ def record_validated(
     label: str | None,
     duplicate: tuple[str, int] | None,
     validated_at: str,
-) -> None:
-    """Upsert the item of a validated image; lesion and split stay as a CSV set them, else come from the id."""
+    claim: bool = False,
+) -> bool:
+    """Upsert the item of a validated image; lesion and split stay as a CSV set them, else come from the id.
+
+    Returns
+    -------
+    bool
+        False when ``claim`` is set and the item turned out to stand for another upload (nothing written).
+    """
     values: dict[str, Any] = {
         "status": DUPLICATE if duplicate else VALIDATED,
-        "key": f"{VALIDATED_PREFIX}{image_id}.jpg",
+        "key": clean_key_for(clean.sha256),
         "source_key": fetched.key,
         "sha256": clean.sha256,
         "source_sha256": clean.source_sha256,
@@ -390,15 +465,20 @@ def record_validated(
         values["label"] = label
     if duplicate:
         values["duplicate_of"], values["duplicate_distance"] = duplicate
-    client.update_item(
-        TableName=settings.table,
-        Key={"image_id": {"S": image_id}},
-        **build_update(
-            values,
-            {"lesion_id": image_id, "split": assign_split(image_id)},
-            remove=("reason_code", "reason", "quarantine_key", "checked_at", "duplicate_of", "duplicate_distance"),
-        ),
+    update = build_update(
+        values,
+        {"lesion_id": image_id, "split": assign_split(image_id)},
+        remove=("reason_code", "reason", "quarantine_key", "checked_at", "duplicate_of", "duplicate_distance"),
     )
+    if claim:
+        update["ConditionExpression"] = _claim(update, fetched.key, clean.source_sha256)
+    try:
+        client.update_item(TableName=settings.table, Key={"image_id": {"S": image_id}}, **update)
+    except ClientError as err:
+        if claim and _error_code(err) == "ConditionalCheckFailedException":
+            return False
+        raise
+    return True
 
 
 def record_quarantined(
@@ -411,13 +491,15 @@ def record_quarantined(
     quarantine_key: str,
     checked_at: str,
     source_sha256: str | None,
-) -> bool:
+    claim: bool = False,
+) -> Literal["recorded", "kept", "taken"]:
     """Mark the item QUARANTINED, unless it already holds a good image (a bad re-upload must not remove it).
 
     Returns
     -------
-    bool
-        False when the item was left as it was.
+    str
+        ``recorded``; ``kept`` when the item holds a good image and was left as it was; ``taken`` when ``claim``
+        is set and the item stands for another upload (nothing written).
     """
     values: dict[str, Any] = {
         "status": QUARANTINED,
@@ -435,18 +517,20 @@ def record_quarantined(
     update = build_update(values, {"lesion_id": image_id, "split": assign_split(image_id)})
     update["ExpressionAttributeNames"]["#status"] = "status"
     update["ExpressionAttributeValues"].update({":keep1": {"S": VALIDATED}, ":keep2": {"S": DUPLICATE}})
+    condition = "(attribute_not_exists(#status) OR NOT #status IN (:keep1, :keep2))"
+    if claim:
+        condition += " AND " + _claim(update, fetched.key, source_sha256)
     try:
         client.update_item(
-            TableName=settings.table,
-            Key={"image_id": {"S": image_id}},
-            ConditionExpression="attribute_not_exists(#status) OR NOT #status IN (:keep1, :keep2)",
-            **update,
+            TableName=settings.table, Key={"image_id": {"S": image_id}}, ConditionExpression=condition, **update
         )
     except ClientError as err:
-        if _error_code(err) == "ConditionalCheckFailedException":
-            return False
-        raise
-    return True
+        if _error_code(err) != "ConditionalCheckFailedException":
+            raise
+        if claim and holds_other_upload(get_item(client, settings.table, image_id), fetched.key, source_sha256):
+            return "taken"
+        return "kept"
+    return "recorded"
 
 
 # ---------------------------------------------------------------------------------------------------- processing
@@ -457,29 +541,42 @@ def _quarantine_image(
     ddb: Any,
     settings: Settings,
     fetched: Fetched,
-    image_id: str,
+    name: str,
+    image_id: str | None,
     reason_code: str,
     message: str,
     source_sha256: str | None,
-    record: bool = True,
 ) -> Outcome:
-    """Quarantine an image upload and, unless ``record`` is False, mark its manifest item."""
+    """Quarantine an image upload and mark its manifest item.
+
+    ``name`` is the file name; ``image_id`` the resolved id (:func:`resolve_image_id`), or None when no item is
+    to be written (no usable id, or the name stands for another upload and there are no bytes to tell them apart).
+    """
     checked_at = utc_now()
     qkey = quarantine(s3_client, settings.bucket, fetched, reason_code, message, checked_at)
     if qkey is None:
-        return {"outcome": "superseded", "key": fetched.key, "image_id": image_id}
-    recorded = record and record_quarantined(
-        ddb, settings, fetched, image_id, reason_code, message, qkey, checked_at, source_sha256
-    )
+        return {"outcome": "superseded", "key": fetched.key, "image_id": image_id or name}
+    result = "not_recorded"
+    if image_id is not None:
+        result = record_quarantined(
+            ddb, settings, fetched, image_id, reason_code, message, qkey, checked_at, source_sha256,
+            claim=image_id == name,
+        )
+        if result == "taken" and source_sha256 is not None:  # another picture took the name since it was read
+            image_id = alternate_id_for(name, source_sha256)
+            result = record_quarantined(
+                ddb, settings, fetched, image_id, reason_code, message, qkey, checked_at, source_sha256
+            )
+    recorded = result == "recorded"
     logger.warning(
         "upload quarantined",
-        extra={"key": fetched.key, "image_id": image_id, "reason_code": reason_code, "reason": message,
+        extra={"key": fetched.key, "image_id": image_id or name, "reason_code": reason_code, "reason": message,
                "manifest_updated": recorded},
     )
     return {
         "outcome": "quarantined",
         "key": fetched.key,
-        "image_id": image_id,
+        "image_id": image_id or name,
         "reason_code": reason_code,
         "reason": message,
         "quarantine_key": qkey,
@@ -489,24 +586,24 @@ def _quarantine_image(
 
 def process_image(s3_client: Any, ddb: Any, settings: Settings, upload: Upload) -> Outcome:
     """Validate one uploaded image and record the result (see the module docstring)."""
-    image_id = image_id_for(upload.key)
+    name = image_id_for(upload.key)
     fetched = fetch(s3_client, settings.bucket, upload, settings.limits.max_bytes)
     if fetched is None:
-        return {"outcome": "gone", "key": upload.key, "image_id": image_id}
-    image_id = image_id_for(fetched.key)  # the key may have needed URL-decoding
-    if not is_valid_image_id(image_id):
+        return {"outcome": "gone", "key": upload.key, "image_id": name}
+    name = image_id_for(fetched.key)  # the key may have needed URL-decoding
+    if not is_valid_image_id(name):
         return _quarantine_image(
-            s3_client, ddb, settings, fetched, image_id, "invalid_image_id",
-            f"file name {image_id!r} is not a usable image id ([A-Za-z0-9][A-Za-z0-9_.-]{{0,127}})", None,
-            record=False,
+            s3_client, ddb, settings, fetched, name, None, "invalid_image_id",
+            f"file name {name!r} is not a usable image id ([A-Za-z0-9][A-Za-z0-9_.-]{{0,127}})", None,
         )
     if fetched.data is None:
+        taken = holds_other_upload(get_item(ddb, settings.table, name), fetched.key, None)
         return _quarantine_image(
-            s3_client, ddb, settings, fetched, image_id, "file_too_large",
+            s3_client, ddb, settings, fetched, name, None if taken else name, "file_too_large",
             f"{fetched.size} bytes, limit {settings.limits.max_bytes}", None,
         )
     source_sha256 = hashlib.sha256(fetched.data).hexdigest()
-    existing = get_item(ddb, settings.table, image_id)
+    image_id, existing = resolve_image_id(ddb, settings.table, name, fetched.key, source_sha256)
     if (
         existing is not None
         and existing.get("source_sha256") == source_sha256
@@ -519,23 +616,28 @@ def process_image(s3_client: Any, ddb: Any, settings: Settings, upload: Upload) 
     label = label_for(fetched.key)
     if label is not None and label not in settings.classes:
         return _quarantine_image(
-            s3_client, ddb, settings, fetched, image_id, "label_not_in_label_set",
+            s3_client, ddb, settings, fetched, name, image_id, "label_not_in_label_set",
             f"folder label {label!r} is not a class of {settings.label_set}", source_sha256,
         )
     try:
         clean = validate_image_bytes(fetched.data, limits=settings.limits)
     except ImageValidationError as err:
         return _quarantine_image(
-            s3_client, ddb, settings, fetched, image_id, err.reason_code, err.message, source_sha256
+            s3_client, ddb, settings, fetched, name, image_id, err.reason_code, err.message, source_sha256
         )
 
-    duplicate = find_duplicate(
-        ddb, settings.table, image_id, clean.sha256, clean.phash, settings.near_duplicate_bits
-    )
-    key = f"{VALIDATED_PREFIX}{image_id}.jpg"
+    key = clean_key_for(clean.sha256)
     # The file first: a VALIDATED item must always point at an existing object.
     s3_client.put_object(Bucket=settings.bucket, Key=key, Body=clean.jpeg, ContentType="image/jpeg")
-    record_validated(ddb, settings, fetched, image_id, clean, label, duplicate, utc_now())
+    while True:
+        duplicate = find_duplicate(
+            ddb, settings.table, image_id, clean.sha256, clean.phash, settings.near_duplicate_bits
+        )
+        if record_validated(ddb, settings, fetched, image_id, clean, label, duplicate, utc_now(),
+                            claim=image_id == name):
+            break
+        # Another picture with this file name was recorded since the read: this one takes its own id.
+        image_id = alternate_id_for(name, source_sha256)
     outcome: Outcome = {
         "outcome": "duplicate" if duplicate else "validated",
         "key": fetched.key,
@@ -546,7 +648,10 @@ def process_image(s3_client: Any, ddb: Any, settings: Settings, upload: Upload) 
         "sha256": clean.sha256,
         "phash": clean.phash,
         "conversions": list(clean.conversions),
+        "lossless": clean.lossless,
     }
+    if image_id != name:
+        outcome["file_name_taken_by"] = name
     if label is not None:
         outcome["label"] = label
     if duplicate:
@@ -584,6 +689,9 @@ def process_csv(s3_client: Any, ddb: Any, settings: Settings, upload: Upload) ->
     except UnicodeDecodeError as err:
         reject("invalid_csv", f"not UTF-8 text: {err}")
         return {"outcome": "quarantined", "key": fetched.key, "reason_code": "invalid_csv"}
+    except DuplicateColumnError as err:  # before its base class: a label file, but an ambiguous one
+        reject("duplicate_columns", str(err))
+        return {"outcome": "quarantined", "key": fetched.key, "reason_code": "duplicate_columns"}
     except MetadataFormatError as err:
         reject("unknown_csv_format", str(err))
         return {"outcome": "quarantined", "key": fetched.key, "reason_code": "unknown_csv_format"}
@@ -606,6 +714,7 @@ def process_csv(s3_client: Any, ddb: Any, settings: Settings, upload: Upload) ->
             f"the other {len(good)} were applied",
             {
                 "applied_rows": len(good),
+                "rejected_row_count": len(bad),
                 "rejected_rows": [
                     {"line": r.line, "image_id": r.image_id, "reason": r.skip_reason} for r in bad[:MAX_REPORTED_ROWS]
                 ],
@@ -658,6 +767,8 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> Outcome:
     if metric:
         value = outcome.get("applied", 1)
         metrics.add_metric(name=metric, unit=MetricUnit.Count, value=value)
+    if outcome.get("skipped"):  # rows of a label file that were not applied (the file is in quarantine/)
+        metrics.add_metric(name="LabelRowsRejected", unit=MetricUnit.Count, value=sum(outcome["skipped"].values()))
     if "reason_code" in outcome:
         metrics.add_dimension(name="reason_code", value=str(outcome["reason_code"]))
     return outcome

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -41,6 +43,13 @@ def sample(index: int) -> tuple[str, bytes]:
     return path.stem, path.read_bytes()
 
 
+def clean_body(cloud: Cloud, image_id: str) -> bytes:
+    """The clean copy an item points at, checked to be at its content-derived key."""
+    item = cloud.item(image_id)
+    assert item is not None and item["key"] == f"validated/{item['sha256']}.jpg", item
+    return cloud.body(item["key"])
+
+
 def assert_quarantined(cloud: Cloud, key: str, data: bytes, code: str) -> dict[str, Any]:
     qkey = "quarantine/" + key.removeprefix("incoming/")
     assert cloud.body(key) == data, "the upload must stay as it was"
@@ -72,16 +81,16 @@ def test_every_negative_through_the_handler(cloud: Cloud, negatives: Path) -> No
         if expected is None:
             assert outcome["outcome"] in ("validated", "duplicate"), (name, outcome)
             assert item["status"] in ("VALIDATED", "DUPLICATE")
-            clean = cloud.body(f"validated/{image_id}.jpg")
+            clean = clean_body(cloud, image_id)
             assert decode(clean).mode == "RGB"
-            assert item["key"] == f"validated/{image_id}.jpg" and item["source_key"] == key
+            assert item["source_key"] == key
             assert int(item["bytes"]) == len(clean) and item["source"] == "negatives"
             assert not any(k.startswith(f"quarantine/negatives/{name}") for k in cloud.keys("quarantine/"))
         else:
             assert outcome["outcome"] == "quarantined" and outcome["reason_code"] == expected, (name, outcome)
             assert_quarantined(cloud, key, data, expected)
             assert item["status"] == "QUARANTINED" and item["reason_code"] == expected
-            assert f"validated/{image_id}.jpg" not in cloud.keys("validated/")
+            assert "key" not in item
     assert (int(items["odd_exif_rotate90"]["width"]), int(items["odd_exif_rotate90"]["height"])) == (450, 600)
     statuses = {n: items[n]["status"] for n in SAME_PICTURE}
     assert sorted(statuses.values()).count("VALIDATED") == 1, statuses
@@ -103,7 +112,7 @@ def test_real_images_are_validated_clean_and_split(cloud: Cloud) -> None:
         assert item["lesion_id"] == image_id and item["split"] == assign_split(image_id)
         assert "label" not in item and "duplicate_of" not in item
         assert item["validated_at"].endswith("+00:00") and len(item["sha256"]) == 64
-        clean = cloud.body(f"validated/{image_id}.jpg")
+        clean = clean_body(cloud, image_id)
         assert all(not (0xE1 <= m <= 0xEF or m == 0xFE) for m in jpeg_markers(clean))
     assert len(cloud.items()) == 12
 
@@ -117,7 +126,7 @@ def test_metadata_never_reaches_validated(cloud: Cloud) -> None:
     exif[ExifTags.Base.ImageDescription] = "Jane Doe"
     tagged = encode(Image.open(io.BytesIO(data)), "JPEG", quality=95, exif=exif.tobytes(), comment=b"Jane Doe")
     assert cloud.upload(f"incoming/clinic/{image_id}.jpg", tagged)["outcome"] == "validated"
-    clean = cloud.body(f"validated/{image_id}.jpg")
+    clean = clean_body(cloud, image_id)
     assert b"Jane" not in clean and b"Exif" not in clean and len(decode(clean).getexif()) == 0
 
 
@@ -149,7 +158,7 @@ def test_the_same_event_twice_leaves_one_record(cloud: Cloud) -> None:
     second = cloud.invoke(event)
     assert first["outcome"] == "validated" and second["outcome"] == "unchanged"
     assert cloud.items() == {image_id: item}
-    assert cloud.keys() == [f"incoming/ham10000/{image_id}.jpg", f"validated/{image_id}.jpg"]
+    assert cloud.keys() == [f"incoming/ham10000/{image_id}.jpg", item["key"]]  # type: ignore[index]
 
 
 def test_the_same_bad_event_twice_leaves_one_record(cloud: Cloud) -> None:
@@ -198,7 +207,7 @@ def test_reupload_of_a_duplicate_that_became_unique(cloud: Cloud) -> None:
     cloud.upload(f"incoming/x/{image_id}.jpg", data)
     assert cloud.upload("incoming/x/COPY.jpg", data)["outcome"] == "duplicate"
     other = sample(45)[1]
-    assert cloud.upload("incoming/y/COPY.jpg", other)["outcome"] == "validated"  # new content, same id
+    assert cloud.upload("incoming/x/COPY.jpg", other)["outcome"] == "validated"  # the file replaced: same id
     item = cloud.item("COPY")
     assert item is not None and item["status"] == "VALIDATED" and "duplicate_of" not in item
 
@@ -216,10 +225,17 @@ def test_a_bad_reupload_does_not_remove_a_good_image(cloud: Cloud) -> None:
     image_id, data = sample(46)
     cloud.upload(f"incoming/a/{image_id}.jpg", data)
     before = cloud.item(image_id)
-    out = cloud.upload(f"incoming/b/{image_id}.jpg", data[: len(data) // 2])
+    bad = data[: len(data) // 2]
+    out = cloud.upload(f"incoming/a/{image_id}.jpg", bad)  # the same file, replaced by a broken one
     assert out["outcome"] == "quarantined" and out["manifest_updated"] is False
     assert cloud.item(image_id) == before
-    assert_quarantined(cloud, f"incoming/b/{image_id}.jpg", data[: len(data) // 2], "truncated_image")
+    assert_quarantined(cloud, f"incoming/a/{image_id}.jpg", bad, "truncated_image")
+    # The same name in another folder is another upload: its own record, and the good one stays.
+    out = cloud.upload(f"incoming/b/{image_id}.jpg", bad)
+    assert out["outcome"] == "quarantined" and out["manifest_updated"] is True
+    assert out["image_id"] == f"{image_id}-{hashlib.sha256(bad).hexdigest()[:12]}"
+    assert cloud.item(image_id) == before
+    assert cloud.item(out["image_id"])["status"] == "QUARANTINED"  # type: ignore[index]
 
 
 def test_a_good_reupload_replaces_a_quarantined_one(cloud: Cloud) -> None:
@@ -230,6 +246,74 @@ def test_a_good_reupload_replaces_a_quarantined_one(cloud: Cloud) -> None:
     item = cloud.item(image_id)
     assert item is not None and item["status"] == "VALIDATED"
     assert not {"reason_code", "reason", "quarantine_key"} & set(item)
+
+
+def test_two_pictures_with_one_file_name_are_both_kept(cloud: Cloud) -> None:
+    # Issue 19: the second overwrote the first in validated/ and in the manifest, and a redelivered event
+    # swapped them back. Each picture now has its own item and its own content-derived object.
+    name = "ISIC_5555555"
+    (_, first), (_, second) = sample(70), sample(71)
+    event_a = cloud.put(f"incoming/site_a/{name}.jpg", first)
+    event_b = cloud.put(f"incoming/site_b/{name}.jpg", second)
+    out_a, out_b = cloud.invoke(event_a), cloud.invoke(event_b)
+    other = f"{name}-{hashlib.sha256(second).hexdigest()[:12]}"
+    assert (out_a["outcome"], out_a["image_id"]) == ("validated", name)
+    assert (out_b["outcome"], out_b["image_id"], out_b["file_name_taken_by"]) == ("validated", other, name)
+    before = cloud.items()
+    assert {k: i["status"] for k, i in before.items()} == {name: "VALIDATED", other: "VALIDATED"}
+    assert before[name]["key"] != before[other]["key"]
+    assert np.array_equal(np.asarray(decode(clean_body(cloud, name))), np.asarray(decode(first)))
+    assert np.array_equal(np.asarray(decode(clean_body(cloud, other))), np.asarray(decode(second)))
+    for event in (event_a, event_b, event_a, event_b):  # redelivered, in any order: nothing moves
+        assert cloud.invoke(event)["outcome"] == "unchanged"
+    assert cloud.items() == before
+    assert len(cloud.keys("validated/")) == 2
+
+
+def test_two_pictures_with_one_file_name_at_the_same_moment(cloud: Cloud, app: Any,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # Both read "no item yet"; the conditional write lets only one take the name, the other takes its own id.
+    name = "ISIC_5555556"
+    (_, first), (_, second) = sample(72), sample(73)
+    event_a = cloud.put(f"incoming/site_a/{name}.jpg", first)
+    event_b = cloud.put(f"incoming/site_b/{name}.jpg", second)
+    real = app.find_duplicate
+    calls: list[str] = []
+
+    def interleaved(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[2])
+        if len(calls) == 1:  # b has resolved its id and validated; a is recorded before b writes
+            assert cloud.invoke(event_a)["image_id"] == name
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app, "find_duplicate", interleaved)
+    out_b = cloud.invoke(event_b)
+    other = f"{name}-{hashlib.sha256(second).hexdigest()[:12]}"
+    assert calls == [name, name, other] and out_b["image_id"] == other
+    items = cloud.items()
+    assert items[name]["source_key"] == f"incoming/site_a/{name}.jpg"
+    assert items[other]["source_key"] == f"incoming/site_b/{name}.jpg"
+    assert {i["status"] for i in items.values()} == {"VALIDATED"}
+
+
+def test_a_bad_picture_with_a_taken_file_name_at_the_same_moment(cloud: Cloud, app: Any,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "ISIC_5555557"
+    good, bad = sample(74)[1], b"not an image"
+    event_good = cloud.put(f"incoming/site_a/{name}.jpg", good)
+    event_bad = cloud.put(f"incoming/site_b/{name}.jpg", bad)
+    real = app.quarantine
+
+    def interleaved(*args: Any, **kwargs: Any) -> Any:
+        assert cloud.invoke(event_good)["image_id"] == name
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app, "quarantine", interleaved)
+    out = cloud.invoke(event_bad)
+    assert out["outcome"] == "quarantined" and out["manifest_updated"] is True
+    assert out["image_id"] == f"{name}-{hashlib.sha256(bad).hexdigest()[:12]}"
+    items = cloud.items()
+    assert items[name]["status"] == "VALIDATED" and items[out["image_id"]]["status"] == "QUARANTINED"
 
 
 # ------------------------------------------------------------------------------------------ CSVs
@@ -260,7 +344,7 @@ def test_ham_csv_before_and_after_the_image(cloud: Cloud) -> None:
         assert item is not None
         assert item["status"] == "VALIDATED"
         assert (item["label"], item["lesion_id"], item["split"]) == (label, lesion, assign_split(lesion))
-        assert item["key"] == f"validated/{image_id}.jpg"
+        assert item["key"] == f"validated/{item['sha256']}.jpg"
 
 
 def test_bundled_ham_csv_applies_every_row(cloud: Cloud) -> None:
@@ -294,6 +378,49 @@ def test_isic_csv_with_rejected_rows(cloud: Cloud) -> None:
     assert items["ISIC_0000001"]["status"] == "LABEL_ONLY" and "ISIC_0000002" not in items
     reason = assert_quarantined(cloud, key, text, "rows_rejected")
     assert [(r["line"], r["reason"]) for r in reason["rejected_rows"]] == [(4, "label_not_in_label_set"), (5, "unk")]
+
+
+def test_one_bad_cell_costs_its_row_not_the_file(cloud: Cloud) -> None:
+    # Issue 19: a stray quote made csv read the rest of the file as one field, over csv's 128 KiB limit: the
+    # handler raised, Lambda retried, and every label was lost with nothing in quarantine/.
+    lines = ["lesion_id,image_id,dx,dx_type,age,sex,localization"]
+    long_site = "back " * 200  # a legitimate long cell, so that few rows exceed the csv field limit
+    lines += [f"HAM_{i:04d},ISIC_{i:07d},{('mel', 'nv', 'bcc')[i % 3]},histo,50.0,male,{long_site}"
+              for i in range(160)]
+    lines[11] = 'HAM_0010,ISIC_0000010,"nv,histo,50.0,male,back'  # the stray quote
+    lines[21] = "HAM_0020,ISIC_0000020,nv,histo,50.0,male,back,extra"  # too many cells
+    lines[31] = "HAM_0030,ISIC_0000030,nv"  # too few
+    lines[41] = "HAM_0040,ISIC_0000040,melanoma,histo,50.0,male,back"  # not a class code
+    data = ("\n".join(lines) + "\n").encode()
+    assert len(data) > csv.field_size_limit()
+    key = "incoming/ham10000/labels.csv"
+    out = cloud.upload(key, data)
+    assert (out["outcome"], out["rows"], out["applied"]) == ("labels", 160, 156)
+    assert out["skipped"] == {"malformed_quoting": 1, "malformed_row": 2, "unknown_label": 1}
+    reason = assert_quarantined(cloud, key, data, "rows_rejected")
+    assert [(r["line"], r["reason"]) for r in reason["rejected_rows"]] == [
+        (12, "malformed_quoting"), (22, "malformed_row"), (32, "malformed_row"), (42, "unknown_label")]
+    assert (reason["applied_rows"], reason["rejected_row_count"]) == (156, 4)
+    items = cloud.items()
+    assert len(items) == 156 and not {"ISIC_0000010", "ISIC_0000020", "ISIC_0000030", "ISIC_0000040"} & set(items)
+    assert items["ISIC_0000011"]["label"] == "bcc" and items["ISIC_0000159"]["lesion_id"] == "HAM_0159"
+
+
+def test_duplicate_header_names_quarantine_the_whole_file(cloud: Cloud) -> None:
+    data = b"lesion_id,image_id,dx,dx_type,dx\nHAM_1,ISIC_0000001,nv,histo,mel\n"
+    out = cloud.upload("incoming/ham10000/labels.csv", data)
+    assert out == {"outcome": "quarantined", "key": "incoming/ham10000/labels.csv", "reason_code": "duplicate_columns"}
+    reason = assert_quarantined(cloud, "incoming/ham10000/labels.csv", data, "duplicate_columns")
+    assert "'dx'" in reason["message"]
+    assert cloud.items() == {}
+
+
+def test_a_byte_order_mark_is_read_as_nothing(cloud: Cloud) -> None:
+    data = b"\xef\xbb\xbf" + ham_csv([("HAM_1", "ISIC_0000001", "nv")]).replace(b"\n", b"\r\n")
+    out = cloud.upload("incoming/ham10000/labels.csv", data)
+    assert (out["outcome"], out["applied"], out["skipped"]) == ("labels", 1, {})
+    assert cloud.item("ISIC_0000001")["label"] == "nv"  # type: ignore[index]
+    assert not cloud.keys("quarantine/")
 
 
 @pytest.mark.parametrize(
@@ -392,7 +519,7 @@ def test_the_sample_event_file(cloud: Cloud, ham_images: Path) -> None:
     cloud.s3.put_object(Bucket=BUCKET, Key=event["detail"]["object"]["key"], Body=data)
     out = cloud.invoke(event)  # its etag is that file's: the event matches the object
     assert out["outcome"] == "validated" and out["image_id"] == "ISIC_0024306"
-    assert np.asarray(decode(cloud.body("validated/ISIC_0024306.jpg"))).shape == (150, 200, 3)
+    assert np.asarray(decode(clean_body(cloud, "ISIC_0024306"))).shape == (150, 200, 3)
 
 
 def test_versioned_bucket_events_are_pinned_to_their_version(cloud: Cloud) -> None:

@@ -13,6 +13,8 @@ from lesion_common.labels import (
     HAM7,
     ISIC8,
     LABEL_SETS,
+    MAX_LINE_CHARS,
+    DuplicateColumnError,
     MetadataFormatError,
     UnknownLabelSetError,
     classes_for,
@@ -160,3 +162,81 @@ def test_parse_accepts_windows_line_endings() -> None:
     text = "lesion_id,image_id,dx\r\nHAM_1,ISIC_1,nv\r\n"
     rows = parse_metadata_csv(io.StringIO(text).read())
     assert [(r.image_id, r.label, r.ok) for r in rows] == [("ISIC_1", "nv", True)]
+
+
+# ------------------------------------------------------------------------------------------ one bad cell (issue 19)
+
+HAM_HEADER = "lesion_id,image_id,dx,dx_type,age,sex,localization"
+
+
+def ham_lines(n: int, start: int = 0) -> list[str]:
+    return [f"HAM_{i:07d},ISIC_{i:07d},{HAM7[i % 7]},histo,50.0,male,back" for i in range(start, start + n)]
+
+
+def test_a_stray_quote_costs_one_row_not_the_file() -> None:
+    # The quote opens a field that, read as CSV, runs to the end of the file: over csv's 128 KiB field limit,
+    # which raised and lost every label. Now that line alone is skipped and every other row is read.
+    body = ham_lines(4000)
+    body[10] = 'HAM_0000010,ISIC_0000010,"nv,histo,50.0,male,back'
+    text = "\n".join([HAM_HEADER, *body]) + "\n"
+    assert len(text) > csv.field_size_limit()
+    with pytest.raises(csv.Error):
+        list(csv.reader(io.StringIO(text)))
+    rows = parse_metadata_csv(text, label_set="ham7")
+    assert len(rows) == 4000
+    bad = [r for r in rows if not r.ok]
+    assert [(r.line, r.image_id, r.skip_reason) for r in bad] == [(12, "HAM_0000010", "malformed_quoting")]
+    assert {r.image_id for r in rows if r.ok} == {f"ISIC_{i:07d}" for i in range(4000)} - {"ISIC_0000010"}
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ('HAM_9,ISIC_9,"nv",histo,50.0,male,back', None),  # quoted cells are fine
+        ('HAM_9,ISIC_9,"nv"x,histo,50.0,male,back', "malformed_quoting"),  # text after a closing quote
+        ('"HAM_9,ISIC_9,nv,histo,50.0,male,back', "malformed_quoting"),  # never closed
+        ("HAM_9,ISIC_9,nv,histo,50.0,male,back,extra", "malformed_row"),  # too many cells
+        ("HAM_9,ISIC_9,nv,histo", "malformed_row"),  # too few
+        ("HAM_9,ISIC_9,melanoma,histo,50.0,male,back", "unknown_label"),
+        ("HAM_9,ISIC_9,nv,histo,50.0,male," + "x" * MAX_LINE_CHARS, "row_too_long"),
+        ("HAM_9,ISIC_9,nv,histo,50.0,male,\x00back", None),  # a NUL in a column nobody reads
+    ],
+)
+def test_each_bad_row_is_reported_and_its_neighbours_apply(line: str, reason: str | None) -> None:
+    text = "\n".join([HAM_HEADER, *ham_lines(2), line, *ham_lines(2, start=2)]) + "\n"
+    rows = parse_metadata_csv(text, label_set="ham7")
+    assert [r.line for r in rows] == [2, 3, 4, 5, 6]
+    assert [r.skip_reason for r in rows] == [None, None, reason, None, None]
+    assert all(len(r.image_id) <= 128 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "lesion_id,image_id,dx,dx,age",  # which dx? DictReader would silently keep the last
+        "lesion_id,image_id,dx,DX ,age",
+        "lesion_id,image_id,image_id,dx",
+        "image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK,MEL",
+    ],
+)
+def test_duplicate_header_names_are_refused(header: str) -> None:
+    with pytest.raises(DuplicateColumnError, match="more than once"):
+        parse_metadata_csv(header + "\n" + ",".join(["x"] * header.count(",")) + ",x\n")
+
+
+def test_unnamed_columns_are_not_duplicates() -> None:
+    rows = parse_metadata_csv("lesion_id,image_id,dx,,\nHAM_1,ISIC_1,nv,,\n")
+    assert [(r.image_id, r.label) for r in rows] == [("ISIC_1", "nv")]
+
+
+def test_byte_order_mark_and_line_endings() -> None:
+    for text in ("\ufeff" + HAM_HEADER + "\r\nHAM_1,ISIC_1,nv,histo,50,male,back\r\n",
+                 HAM_HEADER + "\rHAM_1,ISIC_1,nv,histo,50,male,back\r",
+                 "\n\n" + HAM_HEADER + "\nHAM_1,ISIC_1,nv,histo,50,male,back"):
+        rows = parse_metadata_csv(text, label_set="ham7")
+        assert [(r.image_id, r.label, r.lesion_id) for r in rows] == [("ISIC_1", "nv", "HAM_1")], repr(text)
+
+
+def test_an_unreadable_header_is_a_format_error() -> None:
+    with pytest.raises(MetadataFormatError, match="line 1"):
+        parse_metadata_csv('"lesion_id,image_id,dx\nHAM_1,ISIC_1,nv\n')

@@ -7,7 +7,6 @@ keeps the two equal.
 from __future__ import annotations
 
 import csv
-import io
 import math
 import re
 from dataclasses import dataclass
@@ -24,6 +23,14 @@ ISIC2019_COLUMNS: Final[tuple[str, ...]] = ("MEL", "NV", "BCC", "AK", "BKL", "DF
 ISIC2019_UNKNOWN: Final = "UNK"
 # Image ids become S3 keys and DynamoDB keys: keep them to what ISIC and HAM use, plus a little room.
 IMAGE_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# Longest line read as a row. Label rows are under 200 characters; a longer one is a stray quote's doing, or
+# not a label file, and is skipped as one bad row (the csv module's own limit, 128 KiB per field, would raise).
+MAX_LINE_CHARS: Final = 64 * 1024
+# A record is one line: label files have no line breaks inside fields, and this is what keeps one stray quote
+# from swallowing every row after it.
+_LINE_BREAK: Final = re.compile(r"\r\n|\r|\n")
+# How much of a bad row's first cell a report repeats.
+_REPORTED_ID_CHARS: Final = 128
 
 HAM10000_FORMAT: Final = "ham10000"
 ISIC2019_FORMAT: Final = "isic2019"
@@ -35,6 +42,10 @@ class UnknownLabelSetError(ValueError):
 
 class MetadataFormatError(ValueError):
     """A CSV that is neither HAM10000 metadata nor ISIC 2019 ground truth."""
+
+
+class DuplicateColumnError(MetadataFormatError):
+    """A header that names a column twice: which one holds the label would be a guess."""
 
 
 def classes_for(label_set: str) -> list[str]:
@@ -72,8 +83,9 @@ class LabelRow:
         The lesion, or None when the format has none (ISIC 2019 ground truth).
     skip_reason
         None for a usable row; else a short code: ``unk``, ``unknown_label``, ``label_not_in_label_set``,
-        ``invalid_image_id``, ``invalid_lesion_id``, ``not_one_hot``, ``bad_value``, ``malformed_row``,
-        ``duplicate_row``, ``conflicting_label``.
+        ``invalid_image_id``, ``invalid_lesion_id``, ``not_one_hot``, ``bad_value``, ``malformed_row`` (more or
+        fewer cells than the header), ``malformed_quoting`` (an unterminated or misplaced quote),
+        ``row_too_long`` (over :data:`MAX_LINE_CHARS`), ``duplicate_row``, ``conflicting_label``.
     """
 
     line: int
@@ -133,12 +145,46 @@ def _isic_row(rec: dict[str, str]) -> tuple[str, str | None, str | None, str | N
     return image_id, column.lower(), None, None
 
 
+def _split_line(line: str) -> list[str] | str:
+    """The cells of one line, or the skip reason when the line is not one well-formed CSV record."""
+    if len(line) > MAX_LINE_CHARS:
+        return "row_too_long"
+    if '"' not in line:  # what almost every label row is, and what csv would split the same way
+        return line.split(",")
+    try:
+        # strict: a quote left open or text after a closing quote is an error, not silently merged cells.
+        return next(csv.reader([line], strict=True), [])
+    except csv.Error:
+        return "malformed_quoting"
+
+
+def _column_names(header: list[str]) -> list[str]:
+    """The stripped header names; a name given twice (ignoring case) is refused.
+
+    Raises
+    ------
+    DuplicateColumnError
+        Which column holds the label would otherwise depend on the reader (``csv.DictReader`` keeps the last).
+    """
+    names = [c.strip() for c in header]
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        if name:  # unnamed columns are never read
+            groups.setdefault(name.casefold(), []).append(name)
+    repeated = [" and ".join(repr(n) for n in group) for group in groups.values() if len(group) > 1]
+    if repeated:
+        raise DuplicateColumnError(f"the header names a column more than once: {'; '.join(repeated)}")
+    return names
+
+
 def parse_metadata_csv(text: str, *, label_set: str | None = None) -> list[LabelRow]:
     """Read labels from a HAM10000 metadata CSV or an ISIC 2019 ground-truth CSV.
 
-    Every data row comes back, usable or not, so that the caller can report what it skipped and why. Blank
-    lines are ignored. For a repeated image id the first row wins; a later one is a ``duplicate_row`` when it
-    agrees and a ``conflicting_label`` when it does not.
+    Every data row comes back, usable or not, so that the caller can report what it skipped and why: one bad row
+    (a stray quote, a cell the csv module would refuse as too large, a wrong number of cells) is skipped on its
+    own and never costs the rows around it. Each line is one record. Blank lines are ignored. For a repeated
+    image id the first row wins; a later one is a ``duplicate_row`` when it agrees and a ``conflicting_label``
+    when it does not.
 
     Parameters
     ----------
@@ -154,28 +200,37 @@ def parse_metadata_csv(text: str, *, label_set: str | None = None) -> list[Label
 
     Raises
     ------
+    DuplicateColumnError
+        The header names a column twice.
     MetadataFormatError
-        No header, or a header of neither format.
+        No header, an unreadable header, or a header of neither format.
     UnknownLabelSetError
         ``label_set`` is not a known set.
     """
     allowed = set(classes_for(label_set)) if label_set is not None else set(ALL_CODES)
-    reader = csv.reader(io.StringIO(text.removeprefix("\ufeff"), newline=""))
-    header = next((row for row in reader if any(cell.strip() for cell in row)), None)
-    if header is None:
+    lines = _LINE_BREAK.split(text.removeprefix("\ufeff"))
+    numbered = ((number, line) for number, line in enumerate(lines, start=1) if line.strip())
+    first = next(numbered, None)
+    if first is None:
         raise MetadataFormatError("empty CSV: no header row")
+    header = _split_line(first[1])
+    if isinstance(header, str):
+        raise MetadataFormatError(f"the header (line {first[0]}) is not a CSV record: {header}")
     fmt = detect_format(header)
-    names = [c.strip() for c in header]
+    names = _column_names(header)
     parse = _ham_row if fmt == HAM10000_FORMAT else _isic_row
 
     rows: list[LabelRow] = []
     seen: dict[str, str] = {}
-    for cells in reader:
-        line = reader.line_num
+    for line, text_line in numbered:
+        cells = _split_line(text_line)
+        if isinstance(cells, str):
+            rows.append(LabelRow(line, text_line.split(",", 1)[0].strip()[:_REPORTED_ID_CHARS], None, None, cells))
+            continue
         if not any(cell.strip() for cell in cells):
             continue
         if len(cells) != len(names):
-            rows.append(LabelRow(line, cells[0].strip() if cells else "", None, None, "malformed_row"))
+            rows.append(LabelRow(line, cells[0].strip()[:_REPORTED_ID_CHARS], None, None, "malformed_row"))
             continue
         image_id, label, lesion_id, reason = parse(dict(zip(names, cells, strict=True)))
         if reason is None and not is_valid_image_id(image_id):
@@ -190,7 +245,7 @@ def parse_metadata_csv(text: str, *, label_set: str | None = None) -> list[Label
             else:
                 seen[image_id] = label
         if reason is not None:
-            rows.append(LabelRow(line, image_id, None, lesion_id, reason))
+            rows.append(LabelRow(line, image_id[:_REPORTED_ID_CHARS], None, lesion_id, reason))
         else:
             rows.append(LabelRow(line, image_id, label, lesion_id))
     return rows

@@ -18,9 +18,10 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
 
 JPEG_MAGIC: Final = b"\xff\xd8\xff"
@@ -203,6 +204,8 @@ class CleanImage:
         What the upload was (``JPEG``/``MPO``/``PNG``, Pillow mode).
     conversions
         What was done to get RGB, for the log (``exif_orientation_6``, ``CMYK->RGB``, ``icc->sRGB``, ...).
+    lossless
+        True when ``jpeg`` is the upload's own coded data (see :func:`strip_jpeg_metadata`), False when re-encoded.
     """
 
     jpeg: bytes
@@ -214,6 +217,7 @@ class CleanImage:
     source_format: str
     source_mode: str
     conversions: tuple[str, ...] = field(default=())
+    lossless: bool = False
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -469,75 +473,245 @@ def _encode_jpeg(rgb: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-# Markers without a length: TEM and the restart markers inside entropy-coded data.
-_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
+# The JFIF header of every clean JPEG, the one Pillow writes (version 1.01, no units, 1:1 density, no
+# thumbnail). Regenerated, not copied: the upload's version and density fields and any bytes after them are free
+# for text, and none of them changes a decoded pixel.
+_JFIF_APP0: Final = b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+_SOF0, _SOF1, _DHT, _SOS, _DQT, _DRI, _APP0, _APP14, _COM, _EOI = (
+    0xC0, 0xC1, 0xC4, 0xDA, 0xDB, 0xDD, 0xE0, 0xEE, 0xFE, 0xD9
+)
+# libjpeg's JWRN_HIT_MARKER: the decoder needed bits that the data did not have.
+_NEEDED_BITS_MISSING: Final = "premature end of data segment"
+_DC_SYMBOLS: Final = frozenset(range(12))  # DC difference categories of 8-bit samples
+# AC run/size pairs of 8-bit samples: sizes 1-10 with any run, EOB (0x00) and ZRL (0xF0).
+_AC_SYMBOLS: Final = frozenset({0x00, 0xF0} | {run << 4 | size for run in range(16) for size in range(1, 11)})
+
+
+class _Decline(Exception):
+    """Something the lossless path does not vouch for: the caller re-encodes instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Rebuilt:
+    """A JPEG rebuilt from the segments decoding needs; ``data[scan_start:scan_end]`` is its entropy-coded data."""
+
+    data: bytes
+    scan_start: int
+    scan_end: int
+
+
+def _u16(data: bytes, pos: int) -> int:
+    if pos + 2 > len(data):
+        raise _Decline
+    return int.from_bytes(data[pos : pos + 2], "big")
+
+
+@functools.lru_cache(maxsize=256)
+def _dqt_slots(payload: bytes) -> tuple[int, ...] | None:
+    """The slots a DQT segment defines (8-bit tables exactly filling it), or None when it is not one.
+
+    Cached: most uploads carry one of a few encoders' tables.
+    """
+    slots: list[int] = []
+    for i in range(0, len(payload), 65):
+        precision, slot = payload[i] >> 4, payload[i] & 0x0F
+        table = payload[i + 1 : i + 65]
+        if precision != 0 or slot > 3 or len(table) != 64 or 0 in table:
+            return None
+        slots.append(slot)
+    return tuple(slots) if slots else None
+
+
+@functools.lru_cache(maxsize=256)
+def _dht_slots(payload: bytes) -> tuple[tuple[int, int], ...] | None:
+    """The (class, slot) pairs a DHT segment defines, or None when it is not exactly a run of valid tables.
+
+    Each table must be a prefix code over distinct symbols that are valid for its class: decoders never check
+    symbols they do not meet, so anything else could spell text.
+    """
+    slots: list[tuple[int, int]] = []
+    i = 0
+    while i < len(payload):
+        table_class, slot = payload[i] >> 4, payload[i] & 0x0F
+        counts = payload[i + 1 : i + 17]
+        if table_class > 1 or slot > 3 or len(counts) != 16:
+            return None
+        total = sum(counts)
+        symbols = payload[i + 17 : i + 17 + total]
+        distinct = set(symbols)
+        if not total or len(symbols) != total or len(distinct) != total:
+            return None
+        if not distinct <= (_AC_SYMBOLS if table_class else _DC_SYMBOLS):
+            return None
+        free = 1
+        for count in counts:  # Kraft: the codes of each length must fit in what the shorter ones left
+            free = 2 * free - count
+            if free < 0:
+                return None
+        slots.append((table_class, slot))
+        i += 17 + total
+    return tuple(slots) if slots else None
+
+
+def _define(slots: tuple[int, ...] | tuple[tuple[int, int], ...] | None, defined: dict[Any, bool]) -> None:
+    """Record table definitions; a slot defined twice before the scan hides the first table: refused."""
+    if slots is None or len(set(slots)) != len(slots) or any(slot in defined for slot in slots):
+        raise _Decline
+    defined.update(dict.fromkeys(slots, False))
+
+
+def _check_sof(payload: bytes) -> dict[int, int]:
+    """An 8-bit sequential frame of 1 or 3 components with a size in the header; component id -> table slot."""
+    if len(payload) < 6:
+        raise _Decline
+    count = payload[5]
+    if payload[0] != 8 or not _u16(payload, 1) or not _u16(payload, 3) or count not in (1, 3):
+        raise _Decline
+    if len(payload) != 6 + 3 * count:
+        raise _Decline
+    components: dict[int, int] = {}
+    for k in range(count):
+        ident, sampling, slot = payload[6 + 3 * k : 9 + 3 * k]
+        if ident in components or not (1 <= sampling >> 4 <= 4 and 1 <= sampling & 0x0F <= 4) or slot > 3:
+            raise _Decline
+        components[ident] = slot
+    return components
+
+
+def _check_sos(
+    payload: bytes, frame: dict[int, int], quant: dict[int, bool], huffman: dict[tuple[int, int], bool]
+) -> None:
+    """The one sequential scan, interleaving every component, and every table defined is one it uses.
+
+    A table nothing uses never reaches a pixel, so it is free for text.
+    """
+    count = payload[0] if payload else 0
+    if count != len(frame) or len(payload) != 4 + 2 * count or payload[1 + 2 * count :] != b"\x00\x3f\x00":
+        raise _Decline
+    for k, ident in enumerate(frame):
+        if payload[1 + 2 * k] != ident:
+            raise _Decline
+        dc, ac, slot = (0, payload[2 + 2 * k] >> 4), (1, payload[2 + 2 * k] & 0x0F), frame[ident]
+        if dc not in huffman or ac not in huffman or slot not in quant:
+            raise _Decline
+        huffman[dc] = huffman[ac] = quant[slot] = True
+    if not all(quant.values()) or not all(huffman.values()):
+        raise _Decline
+
+
+def _rebuild(data: bytes) -> _Rebuilt:
+    """Copy the segments decoding needs, checked, and refuse (``_Decline``) anything else (see the caller)."""
+    if data[:2] != b"\xff\xd8":
+        raise _Decline
+    out = bytearray(b"\xff\xd8" + _JFIF_APP0)
+    n, pos = len(data), 2
+    frame: dict[int, int] | None = None
+    quant: dict[int, bool] = {}
+    huffman: dict[tuple[int, int], bool] = {}
+    first = True
+    while True:
+        if pos >= n or data[pos] != 0xFF:
+            raise _Decline
+        while pos < n and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= n:
+            raise _Decline
+        marker = data[pos]
+        length = _u16(data, pos + 1)
+        if length < 2 or pos + 1 + length > n:
+            raise _Decline
+        segment = data[pos + 1 : pos + 1 + length]  # with its length field
+        payload = segment[2:]
+        pos += 1 + length
+        if first:
+            # JFIF first, as today's stored form: it tells decoders the colour transform (YCbCr).
+            if marker != _APP0 or not payload.startswith(b"JFIF\x00") or len(payload) < 14:
+                raise _Decline
+            first = False
+            continue
+        if marker == _APP14:  # Adobe: decides the colour transform, so the pixels would change without it
+            raise _Decline
+        if _APP0 <= marker <= 0xEF or marker == _COM:
+            continue
+        if marker == _DQT:
+            _define(_dqt_slots(payload), quant)
+        elif marker == _DHT:
+            _define(_dht_slots(payload), huffman)
+        elif marker in (_SOF0, _SOF1) and frame is None:
+            frame = _check_sof(payload)
+        elif marker == _DRI and payload == b"\x00\x00":
+            continue  # "no restart interval": the default, so nothing to keep
+        elif marker == _SOS and frame is not None:
+            _check_sos(payload, frame, quant, huffman)
+            out += bytes((0xFF, marker)) + segment
+            break
+        else:
+            # Everything else: other frame types (progressive, lossless, hierarchical, arithmetic), DAC, DNL,
+            # restart intervals (each interval can end in bytes no decoder reads), DHP, EXP, JPGn, RSTn and TEM
+            # outside a scan, a second SOI, EOI before a scan.
+            raise _Decline
+        out += bytes((0xFF, marker)) + segment
+
+    start, end = pos, pos
+    while True:  # the entropy-coded data runs to the first 0xFF that is not a stuffed 0xFF00
+        end = data.find(b"\xff", end)
+        if end < 0 or end + 1 >= n:
+            raise _Decline
+        if data[end + 1] != 0x00:
+            break
+        end += 2
+    if end == start:
+        raise _Decline
+    scan_start = len(out)
+    out += data[start:end]
+    scan_end = len(out)
+    while end < n and data[end] == 0xFF:
+        end += 1
+    if end >= n or data[end] != _EOI:  # one scan only, then EOI; what follows EOI is dropped
+        raise _Decline
+    out += b"\xff\xd9"
+    return _Rebuilt(bytes(out), scan_start, scan_end)
+
+
+def _scan_has_slack(rebuilt: _Rebuilt) -> bool:
+    """Whether bytes after the last coded block ride along in the scan (decoders skip them: room for text).
+
+    Where the coded data ends is only known by Huffman-decoding the whole scan, so libjpeg-turbo is asked: decode
+    without the scan's last byte. Only when that byte holds bits the decoder needs does it report running out
+    ("premature end of data segment"); slack of any length gives no warning or "extraneous bytes". Strict mode
+    turns either warning into an error; decoding grey at 1/8 scale skips most of the work after entropy decoding.
+    """
+    data, start, end = rebuilt.data, rebuilt.scan_start, rebuilt.scan_end
+    cut = end - 2 if end - 2 >= start and data[end - 2 : end] == b"\xff\x00" else end - 1  # a stuffed 0xFF is one
+    try:
+        simplejpeg.decode_jpeg(
+            data[:cut] + data[end:], colorspace="GRAY", strict=True, min_height=1, min_width=1, min_factor=8
+        )
+    except Exception as err:  # anything but the one warning means "not proven": the caller re-encodes
+        return _NEEDED_BITS_MISSING not in str(err)
+    return True
 
 
 def strip_jpeg_metadata(data: bytes) -> bytes | None:
-    """The same JPEG without its metadata segments, or None when it cannot be done losslessly and safely.
+    """The same picture, coded data byte for byte, with nothing but what decoding needs; None when not possible.
 
-    Drops APP1-APP15 (EXIF with GPS, XMP, ICC, IPTC...), COM and anything after EOI, and keeps the frame, tables
-    and entropy-coded scans byte for byte, so the pixels are exactly those the upload decodes to (no second
-    lossy encode) at a fraction of a re-encode's cost. Declines (None) what it cannot vouch for or what the stored
-    form excludes: no thumbnail-free JFIF header first, an Adobe APP14 (it decides the colour transform), a frame
-    other than baseline/extended sequential (progressive and the rest), or any malformed structure; the caller
-    then re-encodes.
+    An allow-list, every kept segment checked: SOI; a JFIF APP0 first (regenerated with fixed fields and no
+    thumbnail); 8-bit DQT and valid-symbol DHT tables, each used by the scan and defined once; one 8-bit baseline
+    or extended sequential frame (SOF0/SOF1) of 1 or 3 components; one interleaved scan (SOS and its entropy-coded
+    data, with no bytes after the last coded block); EOI. APP1-APP15 (EXIF with GPS, XMP, ICC, IPTC, MPF...)
+    other than APP14, and COM, are dropped, and so is anything after EOI. Everything else (an Adobe APP14,
+    progressive and other frame types, restart intervals, DNL, DAC, the reserved markers, a table no component
+    uses) makes it decline (None), and the caller re-encodes. The pixels are exactly those the upload decodes to,
+    at a fraction of a re-encode's cost.
+
+    What is left is what decoders read; information encoded on purpose into the used tables' values or into the
+    coefficients is part of the picture and cannot be removed without changing it.
     """
-    if data[:2] != b"\xff\xd8":
+    try:
+        rebuilt = _rebuild(data)
+    except _Decline:
         return None
-    out = bytearray(b"\xff\xd8")
-    i, n, in_scan = 2, len(data), False
-    while i < n:
-        if in_scan:
-            j = i
-            while True:  # the scan ends at the first 0xFF that is not stuffing, a restart marker or fill
-                j = data.find(b"\xff", j)
-                if j < 0 or j + 1 >= n:
-                    return None
-                following = data[j + 1]
-                if following == 0x00 or 0xD0 <= following <= 0xD7:
-                    j += 2
-                elif following == 0xFF:
-                    j += 1
-                else:
-                    break
-            out += data[i:j]
-            i, in_scan = j, False
-            continue
-        if data[i] != 0xFF:
-            return None
-        while i < n and data[i] == 0xFF:
-            i += 1
-        if i >= n:
-            return None
-        marker = data[i]
-        i += 1
-        if marker == 0xD9:
-            out += b"\xff\xd9"
-            return bytes(out)
-        if marker in _STANDALONE_MARKERS:
-            out += bytes((0xFF, marker))
-            continue
-        if i + 2 > n:
-            return None
-        length = int.from_bytes(data[i:i + 2], "big")
-        if length < 2 or i + length > n:
-            return None
-        segment = data[i:i + length]
-        i += length
-        if marker == 0xEE or (0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)):
-            return None
-        if len(out) == 2 and marker != 0xE0:
-            return None
-        if marker == 0xE0:
-            if segment[2:7] != b"JFIF\x00" or len(segment) < 16 or segment[14] or segment[15]:
-                return None
-        elif 0xE1 <= marker <= 0xEF or marker == 0xFE:
-            continue
-        out += bytes((0xFF, marker)) + segment
-        if marker == 0xDA:
-            in_scan = True
-    return None
+    return None if _scan_has_slack(rebuilt) else rebuilt.data
 
 
 def validate_image_bytes(data: bytes, *, limits: ValidationLimits) -> CleanImage:
@@ -606,7 +780,8 @@ def _validate(data: bytes, fmt: str, limits: ValidationLimits) -> CleanImage:
     hashed, spread = _hash_and_spread(np.asarray(small))
     _check_content(small, spread)
     # An RGB JPEG that needed no conversion keeps its own coded data, stripped of metadata; others are re-encoded.
-    stripped = strip_jpeg_metadata(data) if fmt == "JPEG" and not conversions and source_mode == "RGB" else None
+    lossless = fmt == "JPEG" and not conversions and source_mode == "RGB"
+    stripped = strip_jpeg_metadata(data) if lossless else None
     jpeg = stripped if stripped is not None else _encode_jpeg(rgb)
     return CleanImage(
         jpeg=jpeg,
@@ -618,4 +793,5 @@ def _validate(data: bytes, fmt: str, limits: ValidationLimits) -> CleanImage:
         source_format=source_format,
         source_mode=source_mode,
         conversions=tuple(conversions),
+        lossless=stripped is not None,
     )
