@@ -77,6 +77,13 @@ CITED = {
                       "destination.",
     "no-resource": "Service Authorization Reference: the action has no resource types; IAM evaluates it against "
                    "\"*\".",
+    "autoscaling-sagemaker": "Amazon SageMaker Developer Guide, 'Auto scaling prerequisites': registering an endpoint "
+                             "variant needs sagemaker:DescribeEndpoint, sagemaker:DescribeEndpointConfig and "
+                             "sagemaker:UpdateEndpointWeightsAndCapacities, and iam:CreateServiceLinkedRole for "
+                             "AWSServiceRoleForApplicationAutoScaling_SageMakerEndpoint (created at the first "
+                             "registration); Application Auto Scaling User Guide, identity-based policy examples: a "
+                             "target tracking policy needs cloudwatch:DescribeAlarms and cloudwatch:PutMetricAlarm "
+                             "for the TargetTracking-* alarms it creates.",
     "autoscaling-target": "Application Auto Scaling: a scalable target's ARN carries an ID the request does not name "
                           "(and a new target has none yet); evaluated against \"*\".",
 }
@@ -123,6 +130,7 @@ class World(Protocol):
     def topic_kms_key(self, topic_arn: str) -> str | None: ...
     def endpoint_config_kms_key(self, name: str) -> str | None: ...
     def queue_kms_key(self, queue_name: str) -> str | None: ...
+    def endpoint_config_of(self, endpoint: str) -> str | None: ...
     def next_model_package_version(self, group: str) -> int: ...
 
 
@@ -372,6 +380,33 @@ class Mapper:
         checks += self._cited(service_name, prefix, operation, params)
         return checks
 
+    def _autoscaling_sagemaker(self, op: str, p: dict[str, Any]) -> list[Check]:
+        """What Application Auto Scaling checks with the caller's permissions for a SageMaker variant."""
+        resource_id = str(p["ResourceId"])
+        endpoint = resource_id.split("/")[1]
+        base = f"arn:aws:sagemaker:{self.region}:{self.account}"
+        ctx = {"aws:SecureTransport": True, "aws:ViaAWSService": True}
+        out: list[Check] = []
+        if op == "RegisterScalableTarget":
+            out += [Check(f"sagemaker:{a}", f"{base}:endpoint/{endpoint.lower()}", ctx, why="autoscaling-sagemaker")
+                    for a in ("DescribeEndpoint", "UpdateEndpointWeightsAndCapacities")]
+            config = self.world.endpoint_config_of(endpoint)
+            if config:
+                out.append(Check("sagemaker:DescribeEndpointConfig", f"{base}:endpoint-config/{config.lower()}", ctx,
+                                 why="autoscaling-sagemaker"))
+            out.append(Check(
+                "iam:CreateServiceLinkedRole",
+                f"arn:aws:iam::{self.account}:role/aws-service-role/sagemaker.application-autoscaling.amazonaws.com/"
+                "AWSServiceRoleForApplicationAutoScaling_SageMakerEndpoint",
+                {**ctx, "iam:AWSServiceName": "sagemaker.application-autoscaling.amazonaws.com"},
+                why="autoscaling-sagemaker"))
+        if op == "PutScalingPolicy" and p.get("PolicyType", "StepScaling") == "TargetTrackingScaling":
+            alarm = (f"arn:aws:cloudwatch:{self.region}:{self.account}:alarm:"
+                     f"TargetTracking-{resource_id}-AlarmHigh-local")
+            out += [Check(f"cloudwatch:{a}", alarm, ctx, why="autoscaling-sagemaker")
+                    for a in ("PutMetricAlarm", "DescribeAlarms")]
+        return out
+
     def _dependent(self, dependent: str, prefix: str, action: str, p: dict[str, Any],
                    resources: list[str]) -> list[Check]:
         if dependent == "iam:PassRole":
@@ -450,6 +485,9 @@ class Mapper:
             if arn:
                 out.append(Check("kms:CreateGrant", arn, self._via("sagemaker", {"kms:GrantIsForAWSResource": True}),
                                  why="sagemaker-endpoint-grant"))
+        if prefix == "application-autoscaling" and p.get("ServiceNamespace") == "sagemaker" and \
+                str(p.get("ResourceId", "")).startswith("endpoint/"):
+            out += self._autoscaling_sagemaker(op, p)
         if prefix == "sagemaker" and op == "CreateTrainingJob":
             key_id = (p.get("ResourceConfig") or {}).get("VolumeKmsKeyId")
             arn = w.key_arn(str(key_id)) if key_id else None
@@ -537,6 +575,12 @@ class MotoWorld:
 
         queue = sqs_backends[self.account][self.region].queues.get(queue_name)
         return (getattr(queue, "kms_master_key_id", None) or None) if queue is not None else None
+
+    def endpoint_config_of(self, endpoint: str) -> str | None:
+        from moto.sagemaker.models import sagemaker_backends
+
+        found = sagemaker_backends[self.account][self.region].endpoints.get(endpoint)
+        return (getattr(found, "endpoint_config_name", None) or None) if found is not None else None
 
     def next_model_package_version(self, group: str) -> int:
         from moto.sagemaker.models import sagemaker_backends

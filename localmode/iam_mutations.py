@@ -43,6 +43,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # (role logical id pattern, action pattern) -> why the permission is needed although no local run exercises it.
 REASONS: dict[tuple[str, str], str] = {
+    ("ConfigureAutoscalingFunctionRole", "cloudwatch:DeleteAlarms"):
+        "Application Auto Scaling deletes a target tracking policy's old alarms with the caller's permissions when "
+        "the policy is replaced (a redeployment that changes the target); the local loop configures each endpoint "
+        "once.",
     ("SageMakerExecutionRole", "ecr:*"):
         "SageMaker pulls the training and inference images from ECR with the execution role; local mode runs the "
         "images' code from the repository.",

@@ -44,6 +44,9 @@ class FakeWorld:
     def queue_kms_key(self, queue_name: str) -> str | None:
         return None
 
+    def endpoint_config_of(self, endpoint: str) -> str | None:
+        return "skinlesion-m-v1" if endpoint == "ep" else None
+
     def next_model_package_version(self, group: str) -> int:
         return 3
 
@@ -161,8 +164,8 @@ def test_other_services(mapper: Mapper) -> None:
         ("cloudwatch:DescribeAlarms", f"arn:aws:cloudwatch:{REGION}:{ACCOUNT}:alarm:b")]
     assert pairs(mapper.checks("application-autoscaling", "RegisterScalableTarget", {
         "ServiceNamespace": "sagemaker", "ResourceId": "endpoint/ep/variant/AllTraffic",
-        "ScalableDimension": "sagemaker:variant:DesiredInstanceCount"})) == [
-        ("application-autoscaling:RegisterScalableTarget", "*")]
+        "ScalableDimension": "sagemaker:variant:DesiredInstanceCount"}))[0] == (
+        "application-autoscaling:RegisterScalableTarget", "*")
     rule = mapper.checks("events", "PutRule", {"Name": "StepFunctionsGetEventsForSageMakerTrainingJobsRule"})
     assert pairs(rule) == [("events:PutRule", f"arn:aws:events:{REGION}:{ACCOUNT}:rule/"
                                               "StepFunctionsGetEventsForSageMakerTrainingJobsRule")]
@@ -181,3 +184,20 @@ def test_the_service_authorization_reference_is_bundled_offline() -> None:
 
     assert Path(constants.DATASTORE_FILE_PATH) == Path(constants.BUNDLED_DATASTORE_FILE_PATH)
     assert Path(constants.BUNDLED_DATASTORE_FILE_PATH).stat().st_size > 1_000_000
+
+
+def test_registering_a_sagemaker_variant_checks_what_auto_scaling_reads_with_the_callers_rights(mapper: Mapper) -> None:
+    checks = mapper.checks("application-autoscaling", "RegisterScalableTarget", {
+        "ServiceNamespace": "sagemaker", "ResourceId": "endpoint/ep/variant/AllTraffic",
+        "ScalableDimension": "sagemaker:variant:DesiredInstanceCount", "MinCapacity": 1, "MaxCapacity": 5})
+    got = pairs(checks)
+    base = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}"
+    assert ("sagemaker:DescribeEndpoint", f"{base}:endpoint/ep") in got
+    assert ("sagemaker:UpdateEndpointWeightsAndCapacities", f"{base}:endpoint/ep") in got
+    assert ("sagemaker:DescribeEndpointConfig", f"{base}:endpoint-config/skinlesion-m-v1") in got
+    linked_role = "AWSServiceRoleForApplicationAutoScaling_SageMakerEndpoint"
+    assert any(a == "iam:CreateServiceLinkedRole" and r.endswith(linked_role) for a, r in got)
+    policy = mapper.checks("application-autoscaling", "PutScalingPolicy", {
+        "ServiceNamespace": "sagemaker", "ResourceId": "endpoint/ep/variant/AllTraffic", "PolicyName": "p",
+        "ScalableDimension": "sagemaker:variant:DesiredInstanceCount", "PolicyType": "TargetTrackingScaling"})
+    assert {a for a, _ in pairs(policy)} >= {"cloudwatch:PutMetricAlarm", "cloudwatch:DescribeAlarms"}
