@@ -18,6 +18,7 @@ from typing import Any
 import boto3
 
 from localmode.cloud import REGION, REPO_ROOT, LocalCloud
+from localmode.iam import summary as iam_summary
 from localmode.report import write_report
 from tools.upload_dataset import upload_dataset
 
@@ -151,6 +152,7 @@ def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str,
         for note in cloud.read_notifications():
             say(f"    notification     : {note['subject']}: {note['message'][:300]}")
         say(f"    handler logs     : {cloud.runtime.log_path}")
+        say(f"    permissions      : {iam_summary(cloud.iam)}")
         (work_dir / "last-run.json").write_text(json.dumps({
             "status": desc["status"], "execution": arn, "output": output,
             "deployment": {k: deployment.get(k) for k in ("status", "error", "cause", "output")},
