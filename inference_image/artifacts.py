@@ -1,20 +1,36 @@
 """The model directory the training job writes (docs/contracts.md), checked before anything is served.
 
-A directory that lacks a file, holds malformed JSON or whose files disagree (classes, embedding width) is refused
-with one :class:`ModelDirError` naming the problem; the entry point prints it and exits non-zero, so SageMaker
-reports the endpoint as failed instead of serving wrong answers.
+First the seal (:mod:`lesionml.model_dir`): the directory must hold exactly the files ``manifest.json`` lists,
+with the listed SHA-256 digests (and, when ``MODEL_MANIFEST_SHA256`` is set, the manifest must be the one the model
+package recorded); nothing is parsed before that. A directory without a manifest (written before manifests) is
+refused too: for a screening tool an unverifiable model is not a model to serve. Then the content: a directory that
+lacks a file, holds malformed JSON or whose files disagree (classes, embedding width) is refused. Each refusal is
+one :class:`ModelDirError` naming the file; the entry point prints it and exits non-zero, so SageMaker reports the
+endpoint as failed instead of serving wrong answers. The known-answer check (``known_answers.json``, run with the
+runtime that will serve) follows in :mod:`inference_image.known_answers`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from lesionml.labels import parse_classes_document
+from lesionml.model_dir import (
+    KNOWN_ANSWERS_NAME,
+    ModelDirIntegrityError,
+    file_sha256,
+    read_known_answers,
+    verify_manifest,
+)
 from lesionml.preprocessing import PreprocessingSpec, read_spec
+
+__all__ = ["MELANOMA", "REQUIRED_FILES", "ModelArtifacts", "ModelDirError", "file_sha256", "load_artifacts"]
 
 # What serving needs; model.pt (the state dict) is only needed for the eager benchmark, not required here.
 REQUIRED_FILES: dict[str, str] = {
@@ -23,6 +39,7 @@ REQUIRED_FILES: dict[str, str] = {
     "classes.json": "the label set and class order",
     "metrics.json": "the melanoma threshold and the decision offsets",
     "reference_stats.json": "the drift / out-of-distribution reference",
+    KNOWN_ANSWERS_NAME: "the known-answer check",
 }
 MELANOMA = "mel"
 
@@ -53,9 +70,13 @@ class ModelArtifacts:
     reference : dict
         ``reference_stats.json``.
     model_sha256 : str
-        Digest of ``model.ts`` (names the ONNX export cache and the default model version).
+        Digest of ``model.ts`` (the default model version).
     version : str
         The model version reported with each answer.
+    manifest_sha256 : str
+        Digest of ``manifest.json``, which covers every file (names the ONNX export cache).
+    known_answers : tuple of (bytes, ndarray)
+        PNG images and the probabilities (in ``classes`` order) the training job recorded for them.
     """
 
     model_dir: Path
@@ -67,6 +88,8 @@ class ModelArtifacts:
     reference: dict[str, Any]
     model_sha256: str
     version: str
+    manifest_sha256: str = ""
+    known_answers: tuple[tuple[bytes, np.ndarray], ...] = ()
 
 
 def _read_json(path: Path) -> Any:
@@ -74,15 +97,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelDirError(f"{path.name} in {path.parent} is unreadable: {e}") from None
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _decision_offsets(metrics: Any, classes: tuple[str, ...], root: Path) -> tuple[float, ...] | None:
@@ -102,9 +116,9 @@ def _decision_offsets(metrics: Any, classes: tuple[str, ...], root: Path) -> tup
 
 
 def load_artifacts(
-    model_dir: str | Path, version: str | None = None, model_sha256: str | None = None
+    model_dir: str | Path, version: str | None = None, manifest_sha256: str | None = None
 ) -> ModelArtifacts:
-    """Read and cross-check a model directory.
+    """Verify a model directory against its manifest, then read and cross-check it.
 
     Parameters
     ----------
@@ -112,17 +126,21 @@ def load_artifacts(
         The directory (``/opt/ml/model`` in SageMaker).
     version : str, optional
         The version to report (``MODEL_VERSION``); else ``metrics.json``'s ``model_version``, else the digest.
-    model_sha256 : str, optional
-        ``model.ts``'s digest when already known (workers get it from the entry point and skip re-hashing).
+    manifest_sha256 : str, optional
+        The digest ``manifest.json`` must have (``MODEL_MANIFEST_SHA256``: the model package's record).
 
     Raises
     ------
     ModelDirError
-        Missing file, malformed content, or files that disagree.
+        No manifest or a file that does not match it, missing file, malformed content, or files that disagree.
     """
     root = Path(model_dir)
     if not root.is_dir():
         raise ModelDirError(f"model directory {root} does not exist (SM_MODEL_DIR / MODEL_DIR)")
+    try:
+        manifest = verify_manifest(root, manifest_sha256)
+    except (ModelDirIntegrityError, OSError) as e:
+        raise ModelDirError(str(e)) from None
     missing = [f"{name} ({what})" for name, what in REQUIRED_FILES.items() if not (root / name).is_file()]
     if missing:
         raise ModelDirError(f"model directory {root} is missing {', '.join(missing)}")
@@ -141,6 +159,12 @@ def load_artifacts(
         raise ModelDirError(f"classes.json in {root} lacks label_set/classes: {e}") from None
     if len(classes) < 2 or len(set(classes)) != len(classes):
         raise ModelDirError(f"classes.json in {root} must list at least two distinct classes, got {list(classes)}")
+    try:
+        # The output order is the label set's (docs/contracts.md): classes reordered, even in every file alike,
+        # would swap the answers.
+        parse_classes_document(classes_doc)
+    except ValueError as e:
+        raise ModelDirError(f"classes.json in {root}: {e}") from None
     for name, doc in (("metrics.json", metrics), ("reference_stats.json", reference)):
         other = doc.get("classes") if isinstance(doc, dict) else None
         if other is not None and tuple(other) != classes:
@@ -170,7 +194,12 @@ def load_artifacts(
     except (KeyError, TypeError, ValueError) as e:
         raise ModelDirError(f"reference_stats.json in {root} is incomplete: {type(e).__name__}: {e}") from None
 
-    digest = model_sha256 or file_sha256(root / "model.ts")
+    try:
+        known = tuple(read_known_answers(root, classes))
+    except ModelDirIntegrityError as e:
+        raise ModelDirError(str(e)) from None
+
+    digest = manifest.files["model.ts"]
     if not version:
         meta = metrics.get("model_version") if isinstance(metrics, dict) else None
         version = str(meta) if meta else f"sha256-{digest[:12]}"
@@ -184,4 +213,6 @@ def load_artifacts(
         reference=reference,
         model_sha256=digest,
         version=version,
+        manifest_sha256=manifest.digest,
+        known_answers=known,
     )

@@ -7,20 +7,33 @@ worker, uvicorn's event loop (uvloop) with a C HTTP parser (httptools) keeps HTT
 costs the least per request: it serves a request on one thread from parse to answer, where gunicorn's threaded
 worker hands every request from its poller thread to a pool thread and back. On this 2-CPU machine that hand-off
 measured 0.5-1.2 ms more latency per request, and several ms more when other processes compete for the CPUs
-(benchmarks/inference/RESULTS.md).
+(benchmarks/inference/RESULTS.md). The model itself runs on one thread beside the event loop (``app.py``), so
+the loop keeps reading bodies and answering ``/ping`` whatever the load; the loop's heartbeat to the master stops
+while a single model run exceeds half of ``timeout``, so a stuck run still gets the worker replaced.
+
+Slow or silent connections are closed (:mod:`inference_image.protocol`). A worker that cannot load the model
+writes its one-line reason to ``SERVING_FAILURE_FILE``; the master prints it as its last line when it exits
+(status 3), so the container log ends with the reason, not a traceback.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import tempfile
 from typing import Any
 
 from uvicorn_worker import UvicornWorker
 
+from inference_image.protocol import ServingHttpProtocol
 from inference_image.settings import Settings
 
 _settings = Settings.from_env()
+ServingHttpProtocol.read_timeout = _settings.request_read_timeout
+# Where a worker that cannot start leaves its reason for the master (inherited by the workers at fork).
+_FAILURE_FILE = os.path.join(tempfile.gettempdir(), f"lesion-serving-{os.getpid()}.failure")
+os.environ["SERVING_FAILURE_FILE"] = _FAILURE_FILE
 # The workers share one listening socket. A burst of new connections would otherwise all go to the first worker to
 # wake (libuv accepts until the queue is empty), and the others would idle for as long as those keep-alive
 # connections last; in single-accept mode libuv yields after each accept, so the workers take turns.
@@ -33,11 +46,19 @@ class ServingWorker(UvicornWorker):
 
     CONFIG_KWARGS = {
         "loop": "uvloop",
-        "http": "httptools",
+        "http": ServingHttpProtocol,  # httptools, with limits on idle and slow connections
         "lifespan": "on",
         "access_log": bool(os.environ.get("SERVING_ACCESS_LOG")),
         "timeout_graceful_shutdown": 25,  # below graceful_timeout, after which the master kills the worker
     }
+
+    async def callback_notify(self) -> None:
+        # The loop stays free while the model runs on its thread, so it would keep the master's heartbeat alive
+        # through a stuck run; no heartbeat while one run exceeds half the timeout, as when it ran on the loop.
+        stalled = getattr(self.wsgi, "stalled", None)
+        if stalled is not None and stalled(_settings.timeout / 2):
+            return
+        self.notify()
 
 
 bind = f"{_settings.host}:{_settings.port}"
@@ -46,7 +67,7 @@ worker_class = "inference_image.gunicorn_conf.ServingWorker"
 timeout = _settings.timeout
 graceful_timeout = 30
 # Longer than any load balancer's idle timeout in front of the container, so it never reuses a closed socket.
-keepalive = 75
+keepalive = _settings.keepalive_timeout
 backlog = 2048
 preload_app = False  # each worker loads its own model after fork (no runtime state shared across fork)
 max_requests = int(os.environ.get("SERVING_MAX_REQUESTS", "0"))
@@ -68,3 +89,25 @@ def post_fork(server: Any, worker: Any) -> None:
 def when_ready(server: Any) -> None:
     """Log the listening address once the master is up (workers still load the model after this)."""
     logging.getLogger("gunicorn.error").info("listening on %s with %d worker(s)", bind, workers)
+
+
+def on_starting(server: Any) -> None:
+    """Forget a reason left by an earlier master with the same pid (containers restart with pid 1)."""
+    try:
+        os.unlink(_FAILURE_FILE)
+    except OSError:
+        pass
+
+
+def on_exit(server: Any) -> None:
+    """Make a worker's start-up failure the master's last line (gunicorn's own last line is "Reason: Worker failed
+    to boot.")."""
+    try:
+        with open(_FAILURE_FILE, encoding="utf-8") as f:
+            reason = f.read().strip()
+        os.unlink(_FAILURE_FILE)
+    except OSError:
+        return
+    if reason:
+        sys.stderr.flush()
+        print(reason.splitlines()[0], file=sys.stderr, flush=True)

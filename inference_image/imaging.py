@@ -8,6 +8,12 @@ cat) is not refused here: it is classified and flagged out-of-distribution (:mod
 
 Refusals carry an HTTP status: 400 for bytes that are not a readable image, 413 for a header claiming more
 pixels than the limit (a decompression bomb is refused before any pixel is decoded).
+
+Cost is bounded by the size of the model input, not of the picture, past the one unavoidable step: a large JPEG is
+decoded at a reduced DCT scale, and any other large picture (PNG, WebP, TIFF... which have no reduced decode) is
+box-averaged by an integer factor right after decoding, before orientation, colour profile, 16-bit scaling and
+RGB conversion, which then work on a copy a few times the model input instead of up to ``MAX_IMAGE_PIXELS``
+(a 16-bit 40 M-pixel PNG: ~0.9 s before, ~0.3 s with it, on this machine).
 """
 
 from __future__ import annotations
@@ -203,6 +209,25 @@ def _apply_icc(im: Image.Image, conversions: list[str]) -> Image.Image:
     return out
 
 
+def _reduce_large(im: Image.Image, target_size: tuple[int, int], conversions: list[str]) -> Image.Image:
+    """Box-average a decoded picture by the largest integer factor that keeps it :data:`DRAFT_MARGIN` times larger
+    than the model input on both sides (the JPEG draft rule), so everything after decoding costs in proportion to
+    the model input. Palette and bilevel pictures are converted to RGB first (indices cannot be averaged)."""
+    side = DRAFT_MARGIN * max(target_size)  # square request: EXIF orientation may still swap the sides
+    factor = min(im.width, im.height) // side
+    if factor < 2:
+        return im
+    if im.mode in ("P", "PA", "1"):
+        im = _to_rgb(im, conversions)
+    w, h = im.width // factor, im.height // factor
+    if im.mode.startswith("I;16"):  # Image.reduce does not take 16-bit modes; a box resize is the same average
+        out = im.resize((w, h), Image.Resampling.BOX, box=(0, 0, w * factor, h * factor))
+    else:
+        out = im.reduce(factor, box=(0, 0, w * factor, h * factor))
+    conversions.append(f"reduced_1/{factor}")
+    return out
+
+
 def _grey_filled_scan(im: Image.Image) -> bool:
     """A JPEG whose bottom 8 rows are the decoder's exact grey fill: the scan data was damaged (as validation)."""
     if im.mode not in ("RGB", "L") or im.height < 8:
@@ -324,6 +349,8 @@ def decode_image(data: bytes, max_pixels: int, target_size: tuple[int, int] | No
             raise ImageRequestError(400, "corrupt_image", "JPEG scan data is damaged: the bottom of the image is "
                                     "the decoder's grey fill")
         try:
+            if target_size is not None:
+                im = _reduce_large(im, target_size, conversions)
             orientation = _orientation(im)
             if orientation != 1:
                 im = im.transpose(_TRANSPOSE[orientation])

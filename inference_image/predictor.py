@@ -83,7 +83,7 @@ class Predictor:
         self.ood = OODScorer(artifacts.reference, settings.ood_embedding_threshold, settings.ood_image_threshold)
         self.capture = CaptureWriter(settings.capture_dir, settings.capture_raw) if settings.capture_dir else None
         # One model run at a time per worker: each run already uses the worker's share of the CPUs. (The uvicorn
-        # worker calls predict from its one event-loop thread; the lock keeps other callers, e.g. tools, correct.)
+        # worker calls predict from its one model thread; the lock keeps other callers, e.g. tools, correct.)
         self._model_lock = threading.Lock()
 
     def warm_up(self, runs: int = 3) -> None:

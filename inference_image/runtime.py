@@ -4,9 +4,15 @@
 embedding; for a test-time-augmented model, to one embedding per view, whose probabilities are then averaged) to
 ONNX once, before the workers start, and keeps the linear ``head`` as two numpy arrays: the legacy exporter only
 exports a module's ``forward``, and the head is a 1280 x C product that costs microseconds. The
-export is checked against ``model.ts``'s own ``predict`` on a fixed input and cached by the model's digest, so a
-restart reuses it; if the model does not have the backbone/head split or the check fails, ``auto`` falls back to
-TorchScript (logged) and ``onnx`` refuses to start.
+export is checked against ``model.ts``'s own ``predict`` on a fixed input and cached under a key that covers every
+input to it: the digest of ``manifest.json`` (so of every model file, ``preprocessing.json``'s input size included),
+the torch, onnx, onnxruntime and numpy versions, the opset and the export options. A restart reuses it; a changed
+file can never pick up another directory's export. If the model does not have the backbone/head split or the check
+fails, ``auto`` falls back to TorchScript (logged) and ``onnx`` refuses to start.
+
+Whatever the runtime, the plan is only returned once that runtime has passed the known-answer check
+(:mod:`inference_image.known_answers`); a cached export that fails it (or cannot even run) is discarded and made
+again from ``model.ts``, so a damaged cache costs one export, never the service.
 
 Only :func:`prepare` imports torch (not even it when the export is cached). Workers of the ONNX runtime import
 onnxruntime and numpy only, which keeps their memory small (no libtorch per process).
@@ -14,6 +20,7 @@ onnxruntime and numpy only, which keeps their memory small (no libtorch per proc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +36,12 @@ from inference_image.artifacts import ModelArtifacts, ModelDirError
 
 log = logging.getLogger("inference.runtime")
 ONNX_OPSET = 17
+# Everything torch.onnx.export is given besides the module and the input (part of the cache key).
+_EXPORT_OPTIONS: dict[str, Any] = {
+    "dynamo": False, "opset_version": ONNX_OPSET, "input_names": ["x"], "output_names": ["embedding"],
+    "dynamic_axes": {"x": {0: "batch"}, "embedding": {0: "batch"}},
+}
+_CACHE_FORMAT = 2  # bump when what the cache holds changes shape
 # ONNX Runtime fuses and reorders float operations: agreement to 1e-4 in probability is what "same model" means.
 PROB_TOLERANCE = 1e-4
 EMBEDDING_TOLERANCE = 1e-3  # relative to the largest embedding value
@@ -154,6 +167,11 @@ class TorchScriptBackend:
             torch.set_num_interop_threads(1)
         except RuntimeError:  # already set in this process
             pass
+        if device.startswith("cuda"):
+            # TF32 convolutions (cuDNN's default on Ampere and later) move probabilities by about 1e-3: full float32,
+            # the arithmetic the training job recorded the known answers and the metrics with.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             self.module = torch.jit.load(model_path, map_location=device).eval()
@@ -229,11 +247,7 @@ def _export_onnx(module: Any, x: np.ndarray, ref_probs: np.ndarray, ref_emb: np.
         tmp_onnx, tmp_head = Path(tmp) / "backbone.onnx", Path(tmp) / "head.npz"
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated upstream, and says so
-            torch.onnx.export(
-                module.backbone, (torch.from_numpy(x),), str(tmp_onnx), dynamo=False, opset_version=ONNX_OPSET,
-                input_names=["x"], output_names=["embedding"],
-                dynamic_axes={"x": {0: "batch"}, "embedding": {0: "batch"}},
-            )
+            torch.onnx.export(module.backbone, (torch.from_numpy(x),), str(tmp_onnx), **_EXPORT_OPTIONS)
         np.savez(tmp_head, weight=weights[0], bias=biases[0])
 
         probs, emb = OnnxBackend(str(tmp_onnx), str(tmp_head), threads=1).run(x)
@@ -250,7 +264,8 @@ def _export_onnx(module: Any, x: np.ndarray, ref_probs: np.ndarray, ref_emb: np.
 
 
 def prepare(artifacts: ModelArtifacts, runtime: str, cache_dir: Path, gpus_hint: int = 0) -> Plan:
-    """Check ``model.ts`` against the other files, choose the runtime and, for ONNX, export (or reuse) the model.
+    """Check ``model.ts`` against the other files, choose the runtime, export (or reuse) the model for ONNX, and
+    pass the known-answer check with the chosen runtime.
 
     Runs once, in the entry point, before any worker starts.
 
@@ -261,15 +276,15 @@ def prepare(artifacts: ModelArtifacts, runtime: str, cache_dir: Path, gpus_hint:
     runtime : str
         ``auto``, ``onnx`` or ``torchscript``.
     cache_dir : Path
-        Where exports are kept, named by the model digest and library versions.
+        Where exports are kept, named by every input to the export (see the module docstring).
     gpus_hint : int
         GPUs the environment shows; torch has the last word.
 
     Raises
     ------
     ModelDirError
-        ``model.ts`` cannot be loaded, its outputs do not fit classes.json / reference_stats.json, or
-        ``runtime="onnx"`` and the export failed.
+        ``model.ts`` cannot be loaded, its outputs do not fit classes.json / reference_stats.json, the runtime does
+        not reproduce the known answers, or ``runtime="onnx"`` and the export failed.
     """
     if runtime == "torchscript" or (runtime == "auto" and gpus_hint > 0):
         import torch
@@ -279,30 +294,86 @@ def prepare(artifacts: ModelArtifacts, runtime: str, cache_dir: Path, gpus_hint:
         if runtime == "torchscript" or cuda:
             device = "cuda" if cuda else "cpu"
             gpus = torch.cuda.device_count() if cuda else 0
-            return Plan("torchscript", device, None, None, artifacts.model_sha256, gpus,
-                        note=f"TorchScript on {device}")
+            return _verified(Plan("torchscript", device, None, None, artifacts.model_sha256, gpus,
+                                  note=f"TorchScript on {device}"), artifacts)
     onnx_path, head_path = _cache_paths(artifacts, cache_dir)
     if onnx_path.is_file() and head_path.is_file():
-        # This model.ts was checked and exported before; the other files may differ, so check their fit again,
-        # with the export itself: no torch import, which makes restarts and blue/green swaps seconds faster.
-        _check_outputs(artifacts, *OnnxBackend(str(onnx_path), str(head_path)).run(
-            _check_input(artifacts.spec.height, artifacts.spec.width)))
-        return Plan("onnx", "cpu", str(onnx_path), str(head_path), artifacts.model_sha256, note="cached ONNX export")
+        # Exported before from this very directory (the key covers every file): no torch import, which makes
+        # restarts and blue/green swaps seconds faster. Still checked: the cache lives outside the model directory.
+        cached = Plan("onnx", "cpu", str(onnx_path), str(head_path), artifacts.model_sha256, note="cached ONNX export")
+        try:
+            backend = OnnxBackend(str(onnx_path), str(head_path))
+            _check_outputs(artifacts, *backend.run(_check_input(artifacts.spec.height, artifacts.spec.width)))
+            return _verified(cached, artifacts, backend)
+        except Exception as e:  # damaged or foreign cache entry: made again below from model.ts, never served
+            log.warning("cached ONNX export %s is unusable (%s); exporting again", onnx_path.name, _one_line(e))
+            _discard(onnx_path, head_path)
     module, x, ref_probs, ref_emb = _load_and_check(artifacts)
     try:
         _export_onnx(module, x, ref_probs, ref_emb, onnx_path, head_path)
     except Exception as e:  # any exporter failure: fall back or refuse, never serve an unchecked export
         if runtime == "onnx":
-            raise ModelDirError(f"SERVING_RUNTIME=onnx but the ONNX export failed: {type(e).__name__}: {e}") from e
-        log.warning("ONNX export failed (%s: %s); serving model.ts with TorchScript", type(e).__name__, e)
-        return Plan("torchscript", "cpu", None, None, artifacts.model_sha256, note=f"ONNX export failed: {e}")
-    return Plan("onnx", "cpu", str(onnx_path), str(head_path), artifacts.model_sha256, note="fresh ONNX export")
+            raise ModelDirError(f"SERVING_RUNTIME=onnx but the ONNX export failed: {_one_line(e)}") from None
+        log.warning("ONNX export failed (%s); serving model.ts with TorchScript", _one_line(e))
+        return _verified(Plan("torchscript", "cpu", None, None, artifacts.model_sha256,
+                              note=f"ONNX export failed: {_one_line(e)}"), artifacts)
+    try:
+        return _verified(Plan("onnx", "cpu", str(onnx_path), str(head_path), artifacts.model_sha256,
+                              note="fresh ONNX export"), artifacts)
+    except ModelDirError:
+        _discard(onnx_path, head_path)  # a faithful export of a model that is not the one trained: not worth keeping
+        raise
+
+
+def _verified(plan: Plan, artifacts: ModelArtifacts, backend: Backend | None = None) -> Plan:
+    """``plan`` once its runtime reproduces the known answers (raises ModelDirError otherwise)."""
+    from inference_image.known_answers import check_known_answers
+
+    if backend is None:
+        try:
+            backend = load_backend(plan, artifacts, threads=1)
+        except Exception as e:  # e.g. no usable CUDA device: a start-up failure with its reason
+            raise ModelDirError(f"the {plan.runtime} runtime cannot load the model: {_one_line(e)}") from None
+    check_known_answers(artifacts, backend)
+    log.info("known-answer check passed with %s on %s (%d images)", plan.runtime, plan.device,
+             len(artifacts.known_answers))
+    return plan
+
+
+def _one_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (torch and onnxruntime put tracebacks in theirs)."""
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first[:300]}"
+
+
+def _discard(*paths: Path) -> None:
+    for p in paths:
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "absent"
 
 
 def _cache_paths(artifacts: ModelArtifacts, cache_dir: Path) -> tuple[Path, Path]:
-    """Export files for this model.ts and these exporter/runtime versions (read from metadata, without imports)."""
-    from importlib.metadata import version
-
+    """Export files named by every input to the export: all the model files (through the manifest's digest), the
+    library versions (read from metadata, without imports), the opset and the export options."""
+    inputs = {
+        "format": _CACHE_FORMAT, "manifest_sha256": artifacts.manifest_sha256,
+        "versions": {name: _version(name) for name in ("torch", "onnx", "onnxruntime", "numpy")},
+        "export": _EXPORT_OPTIONS,
+    }
+    if not artifacts.manifest_sha256:  # load_artifacts always sets it; a hand-built ModelArtifacts must not share keys
+        raise ModelDirError("no manifest digest: the model directory was not verified")
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = f"{artifacts.model_sha256[:16]}-torch{version('torch')}-ort{version('onnxruntime')}".replace("+", "_")
     return cache_dir / f"{key}.onnx", cache_dir / f"{key}.head.npz"

@@ -4,13 +4,17 @@
     python -m inference_image.serve serve     # or: python inference_image/serve.py serve
     python -m inference_image.serve check     # check the model directory and the export, then exit
 
-``serve`` checks the model directory (every file the training job writes, consistent with each other and with
-``model.ts``'s outputs), picks the runtime and exports the model to ONNX when that is the runtime (cached by the
-model's digest), sizes the workers, then replaces itself with the gunicorn master (``exec``: gunicorn becomes the
-container's PID 1 and handles SIGTERM gracefully; torch, which the checks needed, does not stay in memory).
+``serve`` verifies the model directory against its manifest (every file, by SHA-256) and checks its content
+(consistent files, ``model.ts``'s outputs), picks the runtime and exports the model to ONNX when that is the runtime
+(cached under a key covering every input to the export), runs the known-answer check with that runtime, sizes the
+workers, then replaces itself with the gunicorn master (``exec``: gunicorn becomes the container's PID 1 and
+handles SIGTERM gracefully; torch, which the checks needed, does not stay in memory). Each worker verifies the
+directory and passes the known-answer check again before it accepts a connection.
 
-Exit status: 0 after a graceful stop, 1 model directory not servable (the reason is the last line on stderr),
-2 bad environment variable or usage, 3 a worker failed to load the model (gunicorn), 143 SIGTERM during start-up.
+Exit status: 0 after a graceful stop, 1 model directory not servable or any other start-up failure, 2 bad
+environment variable or usage, 3 a worker failed to load the model (gunicorn), 143 SIGTERM during start-up. Every
+failure ends the output with one line giving the reason (``serve: ...``), never with a traceback: that line is what
+SageMaker's CloudWatch log shows last for an endpoint that failed to start.
 """
 
 from __future__ import annotations
@@ -28,8 +32,12 @@ _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from inference_image.artifacts import ModelDirError, load_artifacts  # noqa: E402
-from inference_image.settings import Settings, SettingsError, usable_cpus  # noqa: E402
+try:
+    from inference_image.artifacts import ModelDirError, load_artifacts
+    from inference_image.settings import Settings, SettingsError, usable_cpus
+except ImportError as _e:  # a broken image: still one line
+    print(f"serve: start-up failed: {type(_e).__name__}: {_e}", file=sys.stderr)
+    sys.exit(1)
 
 log = logging.getLogger("inference.serve")
 USAGE = "usage: serve.py serve | check"
@@ -45,9 +53,9 @@ def _plan_environment() -> dict[str, str]:
     from inference_image.runtime import prepare
 
     settings = Settings.from_env()
-    artifacts = load_artifacts(settings.model_dir, settings.model_version)
-    log.info("model directory %s: %s %s, version %s", settings.model_dir, artifacts.spec.arch, artifacts.label_set,
-             artifacts.version)
+    artifacts = load_artifacts(settings.model_dir, settings.model_version, settings.model_manifest_sha256)
+    log.info("model directory %s: %s %s, version %s, manifest sha256 %s", settings.model_dir, artifacts.spec.arch,
+             artifacts.label_set, artifacts.version, artifacts.manifest_sha256)
     plan = prepare(artifacts, settings.runtime, settings.cache_dir, settings.gpus)
     env = dict(os.environ)
     cpus = usable_cpus()
@@ -59,7 +67,6 @@ def _plan_environment() -> dict[str, str]:
              workers, threads)
     env.update({
         "SERVING_PLAN": plan.to_json(),
-        "SERVING_MODEL_SHA256": artifacts.model_sha256,
         "SAGEMAKER_MODEL_SERVER_WORKERS": str(workers),
         "MODEL_INTRA_OP_THREADS": str(threads),
         # numpy's BLAS and OpenMP must not start a thread per core in every worker.
@@ -71,6 +78,19 @@ def _plan_environment() -> dict[str, str]:
     if artifacts.version and not settings.model_version:
         env["MODEL_VERSION"] = artifacts.version
     return env
+
+
+def _one_line(e: BaseException, limit: int = 1000) -> str:
+    """The message on one line (torch puts whole tracebacks in its messages)."""
+    return " ".join(str(e).split())[:limit]
+
+
+def _fail(status: int, line: str) -> int:
+    logging.shutdown()  # every log line before the reason
+    sys.stdout.flush()
+    sys.stderr.flush()
+    print(line, file=sys.stderr, flush=True)
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,11 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         env = _plan_environment()
     except SettingsError as e:
-        print(f"serve: bad environment: {e}", file=sys.stderr)
-        return 2
+        return _fail(2, f"serve: bad environment: {_one_line(e)}")
     except ModelDirError as e:
-        print(f"serve: model not servable: {e}", file=sys.stderr)
-        return 1
+        return _fail(1, f"serve: model not servable: {_one_line(e)}")
+    except Exception as e:  # anything else (a full disk, a broken install): still one line, never a traceback
+        log.debug("start-up failed", exc_info=True)
+        return _fail(1, f"serve: start-up failed: {type(e).__name__}: {_one_line(e)}")
     if command == "check":
         print("serve: model directory OK", file=sys.stderr)
         return 0

@@ -22,12 +22,19 @@ Variable                           Meaning (default)
 ``OOD_EMBEDDING_THRESHOLD``        embedding distance that flags out-of-distribution (``5.0``)
 ``OOD_IMAGE_THRESHOLD``            image-statistics excess that flags out-of-distribution (``0.75``)
 ``SERVING_LOG_LEVEL``              ``info``
+``MODEL_MANIFEST_SHA256``          SHA-256 ``manifest.json`` must have (the model package's record; unset:
+                                   the directory is checked against its own manifest only)
+``SERVING_REQUEST_READ_TIMEOUT``   seconds a request may take to arrive, headers and body, from its first
+                                   byte (``30``); a slower sender gets 408 and the connection is closed
+``SERVING_KEEPALIVE_TIMEOUT``      seconds an idle connection is kept open, before its first request and
+                                   between requests (``75``)
 =================================  =====================================================================
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +43,7 @@ DEFAULT_MODEL_DIR = "/opt/ml/model"
 DEFAULT_PORT = 8080
 SAGEMAKER_MAX_PAYLOAD = 6 * 1024 * 1024
 RUNTIMES = ("auto", "onnx", "torchscript")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class SettingsError(ValueError):
@@ -125,6 +133,9 @@ class Settings:
     ood_image_threshold: float
     log_level: str
     gpus: int
+    model_manifest_sha256: str | None = None
+    request_read_timeout: float = 30.0
+    keepalive_timeout: int = 75
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -140,6 +151,9 @@ class Settings:
         workers = _int(env, "SAGEMAKER_MODEL_SERVER_WORKERS", gpus or cpus)
         capture = env.get("CAPTURE_DIR", "").strip()
         version = env.get("MODEL_VERSION", "").strip()
+        manifest = env.get("MODEL_MANIFEST_SHA256", "").strip().lower()
+        if manifest and not _SHA256.fullmatch(manifest):
+            raise SettingsError(f"MODEL_MANIFEST_SHA256={manifest!r} is not a hex SHA-256")
         return cls(
             model_dir=Path(env.get("SM_MODEL_DIR") or env.get("MODEL_DIR") or DEFAULT_MODEL_DIR),
             host=env.get("SERVING_BIND_HOST", "0.0.0.0").strip() or "0.0.0.0",
@@ -159,4 +173,7 @@ class Settings:
             ood_image_threshold=_float(env, "OOD_IMAGE_THRESHOLD", 0.75),
             log_level=env.get("SERVING_LOG_LEVEL", "info").strip().lower() or "info",
             gpus=gpus,
+            model_manifest_sha256=manifest or None,
+            request_read_timeout=_float(env, "SERVING_REQUEST_READ_TIMEOUT", 30.0),
+            keepalive_timeout=_int(env, "SERVING_KEEPALIVE_TIMEOUT", 75),
         )

@@ -36,6 +36,7 @@ from lesionml.metrics import (
     macro_auc_ovr,
     tune_class_bias,
 )
+from lesionml.model_dir import MANIFEST_NAME, record_known_answers, write_manifest
 from lesionml.models import (
     LesionNet,
     build_model,
@@ -435,6 +436,18 @@ def load_data(cfg: Config, paths: Paths) -> Data:
 
 def _json_dump(path: Path, doc: Any) -> None:
     path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+
+
+def write_known_answers(model_dir: Path, spec: PreprocessingSpec, classes: tuple[str, ...]) -> None:
+    """``known_answers.json``: synthetic images and the exported ``model.ts``'s probabilities for them, on the CPU
+    in float32 (what serving reproduces before it answers; lesionml/model_dir.py)."""
+    ts = load_torchscript(model_dir / "model.ts", "cpu")
+
+    def probabilities(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return ts.predict(torch.from_numpy(x))[0].float().numpy()
+
+    record_known_answers(model_dir, spec, classes, probabilities)
 
 
 def _find_baseline(channel: Path) -> Path:
@@ -885,6 +898,8 @@ class Trainer:
         model_dir, out_dir = paths.model_dir, paths.output_data_dir
         model_dir.mkdir(parents=True, exist_ok=True)
         out_dir.mkdir(parents=True, exist_ok=True)
+        # A directory being written has no manifest: serving refuses it until the manifest comes, last.
+        (model_dir / MANIFEST_NAME).unlink(missing_ok=True)
 
         cpu_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         torch.save(cpu_state, model_dir / "model.pt")
@@ -972,12 +987,18 @@ class Trainer:
             data.classes, seed=cfg.seed, predicted=decide(ref_probs, offsets),
         )
         _json_dump(model_dir / "reference_stats.json", reference)
+        write_known_answers(model_dir, spec, data.classes)
 
         eval_dir = model_dir / "evaluation"
         write_report(eval_dir, test.labels, test.probs, data.classes, blocks["test"]["ece"], state.history)
         metrics["job_seconds"] = round(time.time() - t_start, 1)
         _json_dump(model_dir / "metrics.json", metrics)
         _json_dump(out_dir / "metrics.json", metrics)
+        # The last file of the model directory: every other file's digest. Its own digest identifies the model; the
+        # byte-identical copy in the small output.tar.gz is where the pipeline reads it for the model package.
+        manifest_sha256 = write_manifest(model_dir)
+        shutil.copyfile(model_dir / MANIFEST_NAME, out_dir / MANIFEST_NAME)
+        log.info("model directory sealed: %s sha256 %s", MANIFEST_NAME, manifest_sha256)
         shutil.copytree(eval_dir, out_dir / "evaluation", dirs_exist_ok=True)
 
         t = blocks["test"]

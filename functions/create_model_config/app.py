@@ -108,7 +108,9 @@ def create(sm: Any, pkg: PackageApproved) -> dict[str, Any]:
         "PrimaryContainer": {
             "Image": container["Image"],
             "ModelDataUrl": container["ModelDataUrl"],
-            "Environment": {"MODEL_VERSION": str(pkg.ModelPackageVersion), "MODEL_PACKAGE_ARN": pkg.ModelPackageArn},
+            # The package's own environment (the manifest digest the server enforces) comes first.
+            "Environment": {**(container.get("Environment") or {}), "MODEL_VERSION": str(pkg.ModelPackageVersion),
+                            "MODEL_PACKAGE_ARN": pkg.ModelPackageArn},
         },
         "EnableNetworkIsolation": True,
         "Tags": [{"Key": "ModelPackageArn", "Value": pkg.ModelPackageArn[-256:]}],

@@ -10,6 +10,7 @@ with 403 AccessDenied, and a job that wrote no output could not be told from a p
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tarfile
@@ -70,8 +71,9 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def read_job_metrics(client: Any, output_uri: str) -> JobMetrics:
-    """Extract and check metrics.json from the job's output.tar.gz."""
+def read_job_metrics(client: Any, output_uri: str) -> tuple[JobMetrics, str | None]:
+    """Extract and check metrics.json from the job's output.tar.gz, with the sha256 of its manifest.json (the
+    model directory's list of file digests; None for a job that wrote none)."""
     bucket, key = split_s3_uri(output_uri)
     try:
         body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -89,7 +91,10 @@ def read_job_metrics(client: Any, output_uri: str) -> JobMetrics:
                 raise MetricsMissingError(f"{output_uri} has no metrics.json")
             handle = tar.extractfile(member)
             raw = handle.read() if handle else b""
-        return JobMetrics.model_validate_json(raw)
+            manifest = next((m for m in tar.getmembers() if m.name.lstrip("./") == "manifest.json"), None)
+            manifest_handle = tar.extractfile(manifest) if manifest is not None else None
+            digest = hashlib.sha256(manifest_handle.read()).hexdigest() if manifest_handle else None
+        return JobMetrics.model_validate_json(raw), digest
     except (tarfile.TarError, ValidationError, ValueError) as err:
         raise MetricsMissingError(f"unreadable metrics.json in {output_uri}: {err}") from err
 
@@ -97,7 +102,7 @@ def read_job_metrics(client: Any, output_uri: str) -> JobMetrics:
 def evaluate(client: Any, job_name: str, model_data_url: str) -> dict[str, Any]:
     """Collect the candidate's and the baseline's test metrics and store the report for the Model Registry."""
     output_uri = model_data_url.removesuffix("model.tar.gz") + "output.tar.gz"
-    report = read_job_metrics(client, output_uri)
+    report, manifest_sha256 = read_job_metrics(client, output_uri)
     metrics_key = f"evaluations/{job_name}/metrics.json"
     client.put_object(
         Bucket=ARTIFACTS_BUCKET,
@@ -114,6 +119,7 @@ def evaluate(client: Any, job_name: str, model_data_url: str) -> dict[str, Any]:
         "nTest": report.n_test,
         "metrics": report.test.model_dump(include=set(SplitMetrics.model_fields)),
         "baseline": report.baseline.model_dump(include=set(SplitMetrics.model_fields)) if report.baseline else None,
+        "manifestSha256": manifest_sha256,
     }
 
 

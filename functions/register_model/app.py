@@ -50,6 +50,7 @@ class Evaluation(BaseModel):
     architecture: str = ""
     metrics: dict[str, float]
     baseline: dict[str, float] | None = None
+    manifest_sha256: str | None = Field(alias="manifestSha256", default=None, pattern=r"^[0-9a-f]{64}$")
 
 
 class RegisterEvent(BaseModel):
@@ -70,11 +71,17 @@ def package_request(req: RegisterEvent) -> dict[str, Any]:
         "Architecture": ev.architecture or "unknown",
         **{f"test_{k}": f"{v:.4f}" for k, v in sorted(ev.metrics.items())},
     }
+    container: dict[str, Any] = {"Image": INFERENCE_IMAGE_URI, "ModelDataUrl": ev.model_data_url}
+    if ev.manifest_sha256:
+        # The serving container refuses a model directory whose manifest.json has another digest: the registry
+        # records which exact files were gated and approved.
+        properties["ModelManifestSha256"] = ev.manifest_sha256
+        container["Environment"] = {"MODEL_MANIFEST_SHA256": ev.manifest_sha256}
     return {
         "ModelPackageGroupName": MODEL_PACKAGE_GROUP,
         "ModelPackageDescription": f"{ev.architecture} from {ev.training_job_name}"[:1024],
         "InferenceSpecification": {
-            "Containers": [{"Image": INFERENCE_IMAGE_URI, "ModelDataUrl": ev.model_data_url}],
+            "Containers": [container],
             "SupportedContentTypes": ["image/jpeg", "image/png", "application/x-image", "application/json"],
             "SupportedResponseMIMETypes": ["application/json"],
             "SupportedRealtimeInferenceInstanceTypes": [ENDPOINT_INSTANCE_TYPE],

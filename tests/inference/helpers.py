@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,7 +157,6 @@ def odd_variants(src: bytes) -> dict[str, tuple[bytes, str]]:
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims ``width x height`` pixels but has no pixel data: a decompression-bomb probe."""
     import struct
-    import zlib
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
@@ -164,3 +164,56 @@ def png_header_only(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + \
         chunk(b"IEND", b"")
+
+
+def flip_weight_bytes(model_ts: Path, every: int = 7, mask: int = 0x20) -> str:
+    """Damage the largest weight tensor inside a TorchScript archive in place, as a bad disk or a careless edit would:
+    one exponent bit of every ``every``-th float32 flipped. The zip's CRCs are patched to match, so the archive stays
+    valid and loads; only the numbers are wrong. Returns the entry's name."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(model_ts) as z:
+        entry = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    assert entry.compress_type == zipfile.ZIP_STORED
+    with open(model_ts, "r+b") as f:
+        f.seek(entry.header_offset)
+        local = f.read(30)
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        start = entry.header_offset + 30 + name_len + extra_len
+        f.seek(start)
+        data = bytearray(f.read(entry.file_size))
+        for k in range(3, len(data), 4 * every):  # little-endian float32: byte 3 holds the sign and exponent
+            data[k] ^= mask
+        f.seek(start)
+        f.write(data)
+        crc = struct.pack("<I", zlib.crc32(data) & 0xFFFFFFFF)
+        f.seek(entry.header_offset + 14)
+        f.write(crc)
+        # The central directory's copy of the CRC.
+        f.seek(0)
+        blob = f.read()
+        name = entry.filename.encode()
+        i = 0
+        while True:
+            i = blob.index(b"PK\x01\x02", i)
+            n = struct.unpack("<H", blob[i + 28:i + 30])[0]
+            if blob[i + 46:i + 46 + n] == name:
+                f.seek(i + 16)
+                f.write(crc)
+                break
+            i += 4
+    return entry.filename
+
+
+def largest_admitted_png(side: int = 6300) -> bytes:
+    """A 16-bit grey PNG of ``side x side`` pixels (6300: 39.7 M, under the 40 M pixel limit; ~1.5 MB, under the
+    6 MiB body limit) that compresses well: a gradient, a disc and coarse noise. The heaviest legal request: PNG has
+    no reduced-scale decode, and 16-bit grey needs scaling to 8 bits."""
+    y, x = np.mgrid[0:side, 0:side]
+    arr = (x * 5 + y * 3).astype(np.uint16)
+    disc = (x - side // 2) ** 2 + (y - side // 2) ** 2 < (side // 4) ** 2
+    arr[disc] //= 2
+    noise = np.random.default_rng(0).integers(0, 256, (side // 16 + 1, side // 16 + 1)).astype(np.uint16)
+    arr += np.kron(noise, np.ones((16, 16), np.uint16))[:side, :side]
+    return encode(Image.fromarray(arr), "PNG", compress_level=6)

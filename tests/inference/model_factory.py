@@ -6,7 +6,10 @@ and a seeded random linear head, traced to ``model.ts``; ``preprocessing.json``;
 ``metrics.json``; and a ``reference_stats.json`` built by :func:`lesionml.reference_stats.build_reference_stats`
 from real dermoscopy images (``data/sample/images``), exactly as training builds it from its held-out split.
 The head is untrained, so the predicted classes are meaningless, but the embedding (what out-of-distribution
-detection reads) is a real ImageNet feature space, which is what makes the OOD tests meaningful.
+detection reads) is a real ImageNet feature space, which is what makes the OOD tests meaningful. Like the training
+job, it seals the directory with :mod:`lesionml.model_dir`: ``known_answers.json`` from ``model.ts``, then
+``manifest.json`` last. :func:`reseal` does it again after a test changed a file on purpose (what someone who
+regenerates the manifest over a changed directory does).
 
 Run as a script to write one: ``python -m tests.inference.model_factory DEST``.
 """
@@ -22,7 +25,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "sample"
-MODEL_FILES = ("model.ts", "model.pt", "preprocessing.json", "classes.json", "metrics.json", "reference_stats.json")
+MODEL_FILES = ("model.ts", "model.pt", "preprocessing.json", "classes.json", "metrics.json", "reference_stats.json",
+               "known_answers.json", "manifest.json")
 
 
 def _sample_rows(limit: int, seed: int) -> list[tuple[Path, str]]:
@@ -112,7 +116,16 @@ def build_model_dir(
     }
     (dest / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (dest / "reference_stats.json").write_text(json.dumps(reference))
+    reseal(dest, answers=True)
     return dest
+
+
+def reseal(model_dir: str | Path, answers: bool = False) -> str:
+    """Write ``manifest.json`` over the directory as it is now (with ``answers``, first record the known answers
+    again from its ``model.ts``: :func:`lesionml.model_dir.seal`); returns the manifest's digest."""
+    from lesionml.model_dir import seal, write_manifest
+
+    return seal(model_dir) if answers else write_manifest(model_dir)
 
 
 if __name__ == "__main__":

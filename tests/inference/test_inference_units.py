@@ -25,6 +25,7 @@ from lesionml.preprocessing import PreprocessingSpec, normalise, preprocess_batc
 from lesionml.reference_stats import image_statistics
 
 from .helpers import NEGATIVES, SAMPLE_IMAGES, encode, odd_variants, sample_image
+from .model_factory import reseal
 
 SPEC = PreprocessingSpec(arch="efficientnet_lite0", height=150, width=200, mean=(0.498,) * 3, std=(0.502,) * 3)
 
@@ -119,6 +120,41 @@ def test_large_jpeg_is_decoded_at_reduced_scale_with_full_size_reported() -> Non
     decoded = decode_image(encode(big, "JPEG", quality=90), 40_000_000, (200, 150))
     assert decoded.image.size == (2000, 1500) and "jpeg_draft_1/2" in decoded.conversions
     assert (decoded.width, decoded.height) == (4000, 3000)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "RGB", "RGBA", "P", "L"])
+def test_large_pictures_of_any_format_are_reduced_right_after_decoding(mode: str) -> None:
+    """A picture with no reduced decode (PNG) is box-averaged to a few times the model input before any conversion:
+    the cost past decoding no longer grows with the picture, and the model input barely moves."""
+    base = Image.open(SAMPLE_IMAGES / "ISIC_0024323.jpg").convert("RGB").resize((2400, 1800), Image.Resampling.BICUBIC)
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257)
+        full = base.convert("L").convert("RGB")
+    else:
+        img = base.convert(mode) if mode != "P" else base.convert("P", palette=Image.Palette.ADAPTIVE)
+        full = img.convert("RGB")
+    decoded = decode_image(encode(img, "PNG"), 40_000_000, (200, 150))
+    assert "reduced_1/2" in decoded.conversions, decoded.conversions
+    assert decoded.size == (1200, 900) and (decoded.width, decoded.height) == (2400, 1800)
+    builder = ModelInputBuilder(SPEC)
+    x, _ = builder.model_input(decoded)
+    expected = normalise(np.asarray(resize_for_model(full, SPEC)), SPEC)
+    # Averaging 2x2 blocks before the antialiased resize: the same picture to within a grey level or two.
+    assert float(np.abs(x - expected).mean()) * 0.502 * 255 < 1.0
+    small = decode_image(encode(img.resize((800, 600)), "PNG"), 40_000_000, (200, 150))
+    assert not any(c.startswith("reduced") for c in small.conversions)  # under 2 x 4 x the input: untouched
+
+
+def test_inference_id_follows_sagemakers_constraint() -> None:
+    from inference_image.app import inference_id
+
+    assert inference_id(None) is None
+    for ok in ("a", "x" * 64, "req-1 with spaces", "~!@#$%^&*()"):
+        assert inference_id(ok) == ok
+    for bad in ("x" * 65, "x" * 10_000, "", " leading-space", "tab\tinside", "caf\u00e9", "new\nline"):
+        with pytest.raises(RequestError) as err:
+            inference_id(bad)
+        assert (err.value.status, err.value.code) == (400, "invalid_inference_id")
 
 
 def test_media_type_and_accept_parsing() -> None:
@@ -217,10 +253,14 @@ def test_model_directory_checks(model_dir: Path, tmp_path: Path) -> None:
     broken = tmp_path / "m"
     shutil.copytree(model_dir, broken)
     (broken / "preprocessing.json").write_text("{")
-    with pytest.raises(ModelDirError, match="preprocessing.json"):
+    with pytest.raises(ModelDirError, match="^preprocessing.json does not match manifest.json"):
+        load_artifacts(broken)
+    reseal(broken)  # past the manifest, the content check names the file too
+    with pytest.raises(ModelDirError, match="preprocessing.json .* is invalid"):
         load_artifacts(broken)
     (broken / "preprocessing.json").unlink()
     (broken / "model.ts").unlink()
+    reseal(broken)
     with pytest.raises(ModelDirError, match="missing model.ts .* preprocessing.json"):
         load_artifacts(broken)
 
@@ -253,6 +293,7 @@ def test_predicted_class_follows_the_decision_offsets(model_dir: Path, tmp_path:
     shutil.copytree(model_dir, broken)
     metrics = json.loads((broken / "metrics.json").read_text())
     (broken / "metrics.json").write_text(json.dumps({**metrics, "decision_offsets": offsets}))
+    reseal(broken)
     shifted_art = load_artifacts(broken)
     assert shifted_art.decision_offsets == tuple(offsets[c] for c in art.classes)
     shifted = Predictor(shifted_art, backend, settings).predict([image], capture=False)["predictions"][0]
@@ -262,6 +303,7 @@ def test_predicted_class_follows_the_decision_offsets(model_dir: Path, tmp_path:
 
     for bad in ({**offsets, "mel": "high"}, {k: v for k, v in offsets.items() if k != "vasc"}, [0.0] * 7):
         (broken / "metrics.json").write_text(json.dumps({**metrics, "decision_offsets": bad}))
+        reseal(broken)
         with pytest.raises(ModelDirError, match="decision_offsets"):
             load_artifacts(broken)
 
@@ -337,6 +379,7 @@ def test_test_time_augmented_model_serves_the_same_with_onnx_and_torchscript(mod
     tta_dir = tmp_path / "tta"
     shutil.copytree(model_dir, tta_dir)
     export_torchscript(model, torch.zeros(1, 3, spec.height, spec.width), str(tta_dir / "model.ts"), tta=True)
+    reseal(tta_dir, answers=True)  # a different model.ts: its own known answers, as the training job writes them
 
     plan = prepare(load_artifacts(tta_dir), "onnx", tmp_path / "cache")
     assert plan.runtime == "onnx" and plan.onnx_path and plan.head_path
@@ -354,3 +397,34 @@ def test_test_time_augmented_model_serves_the_same_with_onnx_and_torchscript(mod
         per_view = np.stack([torch.softmax(model(torch.from_numpy(np.ascontiguousarray(v))), 1).numpy() for v in views])
     np.testing.assert_allclose(p_ts, per_view.mean(0), atol=1e-5)
     assert float(np.abs(per_view[0] - per_view[1]).max()) > 1e-3
+
+
+def test_a_long_model_run_stops_the_worker_heartbeat() -> None:
+    """The model runs beside the event loop, which would keep gunicorn's heartbeat alive through a stuck run:
+    ``stalled`` (read by the worker's heartbeat) turns true while one run lasts longer than the limit."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from inference_image.app import Application
+
+    release = threading.Event()
+
+    class SlowPredictor:
+        artifacts = SimpleNamespace(version="t")
+
+        def predict(self, images: list[bytes], **kwargs: object) -> dict:
+            release.wait(10)
+            return {"ok": True}
+
+    app = Application(SlowPredictor(), Settings.from_env({}))  # type: ignore[arg-type]
+    assert not app.stalled(0.0)
+    t = threading.Thread(target=app._answer, args=(b"x", "image/jpeg", None))
+    t.start()
+    time.sleep(0.3)
+    try:
+        assert app.stalled(0.1) and not app.stalled(5.0)
+    finally:
+        release.set()
+        t.join()
+    assert not app.stalled(0.0)

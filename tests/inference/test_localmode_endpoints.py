@@ -104,6 +104,6 @@ def test_a_broken_model_never_enters_service(endpoints: LocalEndpoints, model_di
     broken = tmp_path / "model"
     shutil.copytree(model_dir, broken)
     (broken / "classes.json").unlink()
-    with pytest.raises(EndpointError, match="missing classes.json"):
+    with pytest.raises(EndpointError, match="classes.json is missing"):
         endpoints.start("lesion-d", broken)
     assert "lesion-d" not in endpoints.names()
