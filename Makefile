@@ -8,7 +8,7 @@ SAM_VENV := .venv-sam
 CHECKOV_VENV := .venv-checkov
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup run test lint typecheck sam-validate bench clean
+.PHONY: setup run test lint typecheck sam-validate bench clean preflight images deploy
 
 $(VENV)/.stamp: requirements/dev.txt requirements/lambda.txt requirements/train.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,29 @@ test: $(VENV)/.stamp $(SAM_VENV)/.stamp $(CHECKOV_VENV)/.stamp node_modules/.sta
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	PATH="$(CURDIR)/$(SAM_VENV)/bin:$(CURDIR)/node_modules/.bin:$(CURDIR)/$(CHECKOV_VENV)/bin:$$PATH" $(PY) -m pytest
+
+## First deployment (README, "First deployment"): preflight, images, deploy.
+CONFIG_ENV ?= default
+IMAGES_ENV := .aws-sam/images.env
+
+## Check credentials, region, SageMaker quotas, the images in ECR and (with STACK=name) the e-mail subscription.
+preflight: $(VENV)/.stamp
+	$(PY) -m tools.preflight --config-env $(CONFIG_ENV) $(if $(STACK),--stack $(STACK))
+
+## Build and push the training and inference images to ECR; print their URIs (kept in .aws-sam/images.env).
+images:
+	@command -v docker >/dev/null 2>&1 || { echo "error: make images needs docker, which is not on PATH: install Docker (docs.docker.com/get-docker) and start it" >&2; exit 1; }
+	@command -v aws >/dev/null 2>&1 || { echo "error: make images needs the AWS CLI v2, which is not on PATH" >&2; exit 1; }
+	@mkdir -p $(dir $(IMAGES_ENV))
+	@set -e; train=$$(scripts/build_and_push.sh training_image); infer=$$(scripts/build_and_push.sh inference_image); \
+	  printf 'TrainingImageUri=%s\nInferenceImageUri=%s\n' "$$train" "$$infer" | tee $(IMAGES_ENV)
+
+## sam build + sam deploy with the URIs of `make images` (--guided the first time; CONFIG_ENV=prod for prod).
+deploy: $(SAM_VENV)/.stamp
+	$(SAM_VENV)/bin/sam build
+	@args=$$($(PYTHON) -m tools.deploy_args --config-env $(CONFIG_ENV)); \
+	  echo "sam deploy --config-env $(CONFIG_ENV) $$args"; \
+	  eval "$(SAM_VENV)/bin/sam deploy --config-env $(CONFIG_ENV) $$args"
 
 bench: $(VENV)/.stamp
 	$(PY) -m benchmarks.run_all

@@ -20,7 +20,8 @@ import boto3
 from localmode.cloud import REGION, REPO_ROOT, LocalCloud
 from localmode.iam import summary as iam_summary
 from localmode.report import write_report
-from tools.upload_dataset import upload_dataset
+from tools.cli import ToolError, fail
+from tools.upload_dataset import ALL_CODES, check_labels, find_images, upload_dataset
 
 DEFAULT_DATA = REPO_ROOT / "data" / "sample"
 
@@ -85,6 +86,10 @@ def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str,
         for item in table.scan()["Items"]:
             statuses[str(item.get("status"))] = statuses.get(str(item.get("status")), 0) + 1
         say(f"    uploaded {report.uploaded} objects; manifest: {json.dumps(statuses)}")
+        if not statuses.get("VALIDATED"):
+            # Nothing to train on: the retraining would only take its not-enough-data branch and "succeed".
+            return fail(f"no image under {images} passed validation ({json.dumps(statuses)}); the reasons are in "
+                        f"{cloud.runtime.log_path}")
 
         say("2/4 Requesting a retraining (EventBridge RetrainingRequested -> RetrainingStateMachine)...")
         source = f"{cloud.resolver.parameters['ProjectName']}.pipeline"
@@ -116,8 +121,8 @@ def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str,
                 deployment = cloud.wait_for_execution(deployments[0]["executionArn"], timeout=1200,
                                                       on_event=_Follower(cloud, time.monotonic()))
         invocation = _try_endpoint(cloud, data) if deployment.get("status") == "SUCCEEDED" else None
-        drift = _monitor(cloud, data) if invocation else None
-        report = write_report(work_dir / "report", drift_result=drift, quality_result=None,
+        drift, quality = _monitor(cloud, data, metadata) if invocation else (None, None)
+        report = write_report(work_dir / "report", drift_result=drift, quality_result=quality,
                               executions=[d for d in (desc, deployment) if d],
                               drift_threshold=float(cloud.resolver.parameters["DriftThreshold"]))
 
@@ -148,6 +153,8 @@ def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str,
                 f"predictions ({'drift' if drift['drifted'] else 'no drift'} at alpha {drift['alpha']})")
         elif drift:
             say(f"    drift            : {drift.get('reason') or drift.get('errorMessage') or drift}"[:300])
+        if quality:
+            say(f"    live quality     : {_quality_line(quality)}")
         say(f"    monitoring report: {report}")
         for note in cloud.read_notifications():
             say(f"    notification     : {note['subject']}: {note['message'][:300]}")
@@ -160,6 +167,11 @@ def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str,
             "seconds": round(time.monotonic() - t0, 1),
         }, indent=2, default=str))
         ok = desc["status"] == "SUCCEEDED" and (not deployment or deployment["status"] == "SUCCEEDED")
+        if ok and not registration:
+            # The not-enough-data branch ends the execution in a Succeed state, but no model came of it.
+            summary = output.get("data", {}).get("result", {}).get("summary", "")
+            fail(f"the retraining trained no model (not enough data): {summary}")
+            ok = False
         say(f"Done in {time.monotonic() - t0:.0f}s.")
         if ok and invocation and serve:
             say(f"Serving {cloud.output('EndpointName')} at {invocation['url']} (POST /invocations); Ctrl-C stops.")
@@ -171,18 +183,21 @@ def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str,
         return 0 if ok else 1
 
 
-def _monitor(cloud: LocalCloud, data: Path, limit: int = 120) -> dict[str, Any] | None:
-    """Send a window of images through the endpoint, then run the hourly drift check on what was captured.
+def _monitor(cloud: LocalCloud, data: Path, metadata: Path | None,
+             limit: int = 120) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Send a window of images through the endpoint, run the hourly drift check on what was captured, then upload
+    the window's confirmed diagnoses as ground truth (as a clinic would), which starts the live-quality check.
 
     The container writes its monitoring records locally; on AWS they reach S3 through Data Capture, here they are
-    uploaded under ``monitoring/records/``, where detect_drift also looks.
+    uploaded under ``monitoring/records/``, where detect_drift and evaluate_quality also look.
     """
     images = sorted((data / "images" if (data / "images").is_dir() else data).glob("*.jpg"))
     step = max(1, len(images) // limit)
     runtime = boto3.client("sagemaker-runtime", region_name=REGION)
-    for path in images[::step][:limit]:
+    sent = images[::step][:limit]
+    for path in sent:
         runtime.invoke_endpoint(EndpointName=cloud.output("EndpointName"), ContentType="image/jpeg",
-                                Accept="application/json", Body=path.read_bytes())
+                                Accept="application/json", Body=path.read_bytes(), InferenceId=path.stem)
     s3 = boto3.client("s3", region_name=REGION)
     for capture in sorted(cloud.capture_dir.glob("*.jsonl")):
         s3.upload_file(str(capture), cloud.output("ArtifactsBucketName"), f"monitoring/records/{capture.name}")
@@ -193,7 +208,45 @@ def _monitor(cloud: LocalCloud, data: Path, limit: int = 120) -> dict[str, Any] 
     cloud.bus.fire_schedule("DetectDriftFunctionHourly", account="123456789012", region=REGION)
     last = drift_fn.invocations[-1] if drift_fn.invocations else {}
     result: dict[str, Any] | None = last.get("result") if last.get("ok") else last.get("error")
+    return result, _ground_truth(cloud, metadata, {p.stem for p in sent})
+
+
+def _ground_truth(cloud: LocalCloud, metadata: Path | None, ids: set[str]) -> dict[str, Any] | None:
+    """Upload the diagnoses of the images sent as ``ground-truth/*.csv``; return evaluate_quality's answer."""
+    import csv
+    import io
+
+    if metadata is None or not metadata.is_file():
+        return None
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["inference_id", "diagnosis"])
+    with metadata.open(newline="") as fh:
+        rows = [(r["image_id"], r["dx"]) for r in csv.DictReader(fh) if r.get("image_id") in ids and r.get("dx")]
+    if not rows:
+        return None
+    writer.writerows(rows)
+    boto3.client("s3", region_name=REGION).put_object(
+        Bucket=cloud.output("DataBucketName"), Key="ground-truth/make-run.csv", Body=out.getvalue().encode())
+    cloud.bus.drain()
+    quality_fn = cloud.runtime.find("EvaluateQualityFunction")
+    last = quality_fn.invocations[-1] if quality_fn.invocations else {}
+    result: dict[str, Any] | None = last.get("result") if last.get("ok") else last.get("error")
     return result
+
+
+def _quality_line(quality: dict[str, Any]) -> str:
+    """evaluate_quality's answer in one line (or why it failed)."""
+    q = quality.get("quality")
+    if not isinstance(q, dict):
+        return str(quality.get("errorMessage") or quality)[:300]
+
+    def fmt(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else "n/a"
+
+    return (f"balanced accuracy {fmt(q.get('balanced_accuracy'))}, melanoma sensitivity "
+            f"{fmt(q.get('melanoma_sensitivity'))} over {q.get('n')} labelled predictions "
+            f"({q.get('melanoma_cases')} melanomas)")
 
 
 def _try_endpoint(cloud: LocalCloud, data: Path) -> dict[str, Any] | None:
@@ -213,6 +266,25 @@ def _try_endpoint(cloud: LocalCloud, data: Path) -> dict[str, Any] | None:
             "answer": prediction}
 
 
+def check_data(data: Path, metadata: Path | None) -> None:
+    """Refuse, before anything starts, a ``--data`` folder that cannot give a retraining anything to train on.
+
+    Raises
+    ------
+    ToolError
+        The folder is missing or holds no images, or the label file is missing or of neither format.
+    """
+    if not data.is_dir():
+        raise ToolError(f"--data {data} is not a folder" if data.exists() else f"--data {data} does not exist")
+    images = data / "images" if (data / "images").is_dir() else data
+    metadata = metadata or next(iter(sorted(data.glob("*.csv"))), None)
+    files = find_images(images)
+    if metadata is None and not any(p.parent != images and p.parent.name.lower() in ALL_CODES for p in files):
+        raise ToolError(f"no metadata CSV in {data}: put the HAM10000 or ISIC 2019 label CSV there, or pass "
+                        "--metadata")
+    check_labels(files, images, metadata)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     import logging
@@ -227,12 +299,17 @@ def main(argv: list[str] | None = None) -> int:
     run_p = sub.add_parser("run", help="run the retraining pipeline end to end on bundled data")
     run_p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with images/ and a metadata CSV")
     run_p.add_argument("--metadata", type=Path, help="metadata CSV (default: the first *.csv in --data)")
-    run_p.add_argument("--work-dir", type=Path, default=REPO_ROOT / ".local")
+    run_p.add_argument("--work-dir", type=Path, default=REPO_ROOT / ".local",
+                       help="where local mode keeps its state, logs and report (default: .local)")
     run_p.add_argument("--serve", action="store_true", help="keep the local endpoint serving until Ctrl-C")
     run_p.add_argument("--parameter", action="append", default=[], metavar="KEY=VALUE",
                        help="template parameter override (repeatable)")
     args = parser.parse_args(argv)
     parameters = dict(p.split("=", 1) for p in args.parameter)
+    try:
+        check_data(args.data, args.metadata)
+    except ToolError as err:
+        return fail(str(err))
     return run(args.data, args.metadata, args.work_dir, parameters, serve=args.serve)
 
 

@@ -64,8 +64,9 @@ CITED = {
     "sqs-cmk": "Amazon SQS Developer Guide, 'Key management' (permissions for producers): sending to a queue "
                "encrypted with a customer managed key needs kms:GenerateDataKey and kms:Decrypt on it.",
     "sagemaker-endpoint-grant": "Amazon SageMaker 'API permissions: actions and resources reference': "
-                                "CreateEndpoint/UpdateEndpoint need kms:CreateGrant when the endpoint configuration "
-                                "has a KmsKeyId (SageMaker creates a grant for the endpoint's volumes).",
+                                "CreateEndpoint/UpdateEndpoint need kms:CreateGrant and kms:DescribeKey when the "
+                                "endpoint configuration has a KmsKeyId (SageMaker creates a grant for the endpoint's "
+                                "volumes).",
     "sagemaker-training-grant": "Amazon SageMaker 'API permissions: actions and resources reference': "
                                 "CreateTrainingJob needs kms:CreateGrant when ResourceConfig has a VolumeKmsKeyId "
                                 "and the job's role does not have it.",
@@ -219,6 +220,9 @@ class Mapper:
             return None
         if prefix == "dynamodb":
             table = p.get("TableName")
+            if not table and rtype == "table" and p.get("RequestItems"):
+                # BatchGetItem/BatchWriteItem: one authorization per table named in the request.
+                return [self._table_arn(str(t)) for t in p["RequestItems"]]
             if not table:
                 return None
             if rtype == "index":
@@ -485,6 +489,7 @@ class Mapper:
             if arn:
                 out.append(Check("kms:CreateGrant", arn, self._via("sagemaker", {"kms:GrantIsForAWSResource": True}),
                                  why="sagemaker-endpoint-grant"))
+                out.append(Check("kms:DescribeKey", arn, self._via("sagemaker"), why="sagemaker-endpoint-grant"))
         if prefix == "application-autoscaling" and p.get("ServiceNamespace") == "sagemaker" and \
                 str(p.get("ResourceId", "")).startswith("endpoint/"):
             out += self._autoscaling_sagemaker(op, p)

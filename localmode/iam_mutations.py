@@ -47,6 +47,24 @@ REASONS: dict[tuple[str, str], str] = {
         "Application Auto Scaling deletes a target tracking policy's old alarms with the caller's permissions when "
         "the policy is replaced (a redeployment that changes the target); the local loop configures each endpoint "
         "once.",
+    ("UpdateEndpointFunctionRole", "application-autoscaling:DeregisterScalableTarget"):
+        "update_endpoint releases the variant from auto scaling only when a new model changes the instance type "
+        "(tests/unit/test_deployment_handlers.py covers it); every local deployment keeps the stack's one type.",
+    ("SageMakerExecutionRole", "kms:Encrypt"):
+        "OutputDataConfig.KmsKeyId: 'the SageMaker execution role must include permissions to call kms:Encrypt' "
+        "(CreateTrainingJob API reference); SageMaker's own upload of the model artefact is not emulated.",
+    ("RetrainingStateMachineRole", "sagemaker:ListTags"):
+        "Listed in the Step Functions policy for the SageMaker .sync integration (Step Functions Developer Guide, "
+        "'IAM policies for Amazon SageMaker AI'); local mode's integration does not list tags.",
+    ("RetrainingStateMachineQualityAlarmRole", "*"):
+        "EventBridge starts a retraining with this role when the live-quality alarm goes to ALARM; local mode does "
+        "not evaluate CloudWatch alarms.",
+    ("PrepareTrainingFunctionRole", "sagemaker:DescribeModelPackage"):
+        "Read when an approved model exists, to pass it as the baseline channel; the local runs retrain before any "
+        "approval (tests/unit/test_training_handlers.py covers it).",
+    ("RegisterModelFunctionRole", "dynamodb:*"):
+        "Powertools idempotency reads the record (GetItem) when a request repeats while in progress and deletes it "
+        "(DeleteItem) when the handler fails; the local runs register each model once.",
     ("SageMakerExecutionRole", "ecr:*"):
         "SageMaker pulls the training and inference images from ECR with the execution role; local mode runs the "
         "images' code from the repository.",

@@ -29,6 +29,7 @@ from typing import Any
 import requests
 
 from lesionml.labels import LABEL_SETS
+from tools.cli import ToolError, run_main
 from tools.progress import Progress
 
 DEFAULT_BASE_URL = "https://api.isic-archive.com/api/v2"
@@ -316,7 +317,8 @@ def download_dataset(out: Path, *, dataset: str = "ham10000", collections: list[
     manifest.update(dataset=dataset, base_url=base_url, collections=collections)
     files: dict[str, Any] = manifest["files"]
     lock = threading.Lock()
-    bar = Progress(len(images), progress)
+    stated = [int(((i.get("files") or {}).get("full") or {}).get("size") or 0) for i in images]
+    bar = Progress(len(images), progress, total_bytes=sum(stated) or None)
     complete: set[str] = set()
 
     def save_manifest() -> None:
@@ -346,7 +348,7 @@ def download_dataset(out: Path, *, dataset: str = "ham10000", collections: list[
         isic_id = str(image.get("isic_id"))
         path = images_dir / f"{isic_id}.jpg"
         part = path.with_name(path.name + ".part")
-        outcome, got = "failed", 0
+        outcome, got, size = "failed", 0, None
         try:
             url, size, sums = _expected(image)
             if verified(isic_id, path, size, sums):
@@ -372,7 +374,11 @@ def download_dataset(out: Path, *, dataset: str = "ham10000", collections: list[
                 complete.add(isic_id)
             if (report.downloaded + report.skipped + report.failed) % MANIFEST_EVERY == 0:
                 save_manifest()
-        bar.step()
+        # A skipped file's bytes are not fetched: they leave the total rather than inflate the rate.
+        if outcome == "skipped":
+            bar.skip(size or 0)
+        else:
+            bar.step(got)
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -395,31 +401,58 @@ def download_dataset(out: Path, *, dataset: str = "ham10000", collections: list[
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=sorted(DATASETS), default="ham10000")
-    parser.add_argument("--out", required=True, type=Path)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(prog="python -m tools.download_isic", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="ham10000",
+                        help="which public dataset (default: ham10000)")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="destination folder (images/, metadata.csv, manifest.json); a re-run resumes")
     parser.add_argument("--collection", type=int, action="append",
                         help="archive collection id (repeatable); overrides the dataset's collections")
-    parser.add_argument("--base-url", default=DEFAULT_BASE_URL)
-    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--base-url", default=DEFAULT_BASE_URL,
+                        help=f"ISIC Archive API root (default: {DEFAULT_BASE_URL})")
+    parser.add_argument("--workers", type=_positive, default=8, help="parallel downloads (default: 8)")
     parser.add_argument("--limit", type=int, default=0, help="at most this many images (0: all)")
-    parser.add_argument("--page-size", type=int, default=PAGE_SIZE)
-    parser.add_argument("--retries", type=int, default=RETRIES)
-    args = parser.parse_args(argv)
+    parser.add_argument("--page-size", type=_positive, default=PAGE_SIZE,
+                        help=f"records per listing request (default: {PAGE_SIZE})")
+    parser.add_argument("--retries", type=int, default=RETRIES,
+                        help=f"extra attempts per request after a 5xx, 429 or dropped connection (default: {RETRIES})")
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    args = build_parser().parse_args(argv)
+    return run_main(lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.out.is_dir():
+        raise ToolError(f"--out {args.out} is a file, not a folder")
     try:
         report = download_dataset(args.out, dataset=args.dataset, collections=args.collection,
                                   base_url=args.base_url, workers=args.workers, limit=args.limit,
                                   page_size=args.page_size, retries=args.retries)
     except DownloadError as err:
-        sys.stderr.write(f"error: {err}\n")
-        return 1
+        raise ToolError(str(err)) from err
+    except OSError as err:
+        raise ToolError(f"cannot write under {args.out}: {err.strerror or err}") from err
     print(f"listed {report.listed}, downloaded {report.downloaded}, skipped {report.skipped}, "
           f"failed {report.failed}, {report.bytes} bytes")
+    if not report.listed:
+        what = f"collections {args.collection}" if args.collection else f"dataset {args.dataset}"
+        raise ToolError(f"the archive listed no images for {what}: check --collection / --dataset and --base-url")
     if report.failed:
-        sys.stderr.write(f"error: {report.failed} file(s) failed; run the command again to resume\n")
-    return 1 if report.failed else 0
+        raise ToolError(f"{report.failed} file(s) failed; run the command again to resume")
+    return 0
 
 
 if __name__ == "__main__":

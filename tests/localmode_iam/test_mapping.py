@@ -130,7 +130,7 @@ def test_sagemaker_endpoints(mapper: Mapper) -> None:
     create = mapper.checks("sagemaker", "CreateEndpoint", {"EndpointName": "ep", "EndpointConfigName": "cfg-enc"})
     assert pairs(create) == [("sagemaker:CreateEndpoint", f"{sm}:endpoint/ep"),
                              ("sagemaker:CreateEndpoint", f"{sm}:endpoint-config/cfg-enc"),
-                             ("kms:CreateGrant", KEY)]
+                             ("kms:CreateGrant", KEY), ("kms:DescribeKey", KEY)]
     assert create[2].context["kms:GrantIsForAWSResource"] is True
     assert pairs(mapper.checks("sagemaker", "UpdateEndpoint", {"EndpointName": "ep", "EndpointConfigName": "c"})) \
         == [("sagemaker:UpdateEndpoint", f"{sm}:endpoint/ep"), ("sagemaker:UpdateEndpoint", f"{sm}:endpoint-config/c")]
@@ -201,3 +201,10 @@ def test_registering_a_sagemaker_variant_checks_what_auto_scaling_reads_with_the
         "ServiceNamespace": "sagemaker", "ResourceId": "endpoint/ep/variant/AllTraffic", "PolicyName": "p",
         "ScalableDimension": "sagemaker:variant:DesiredInstanceCount", "PolicyType": "TargetTrackingScaling"})
     assert {a for a, _ in pairs(policy)} >= {"cloudwatch:PutMetricAlarm", "cloudwatch:DescribeAlarms"}
+
+
+def test_batch_reads_are_authorized_per_table(mapper: Mapper) -> None:
+    checks = mapper.checks("dynamodb", "BatchGetItem", {"RequestItems": {
+        "A": {"Keys": [{"pk": {"S": "1"}}]}, "B": {"Keys": [{"pk": {"S": "2"}}]}}})
+    tables = {r for a, r in pairs(checks) if a == "dynamodb:BatchGetItem"}
+    assert tables == {f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/A", f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/B"}

@@ -15,13 +15,16 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
+from tests.tools.helpers import assert_all_flags_have_help, one_error_line
 from tools import download_isic
-from tools.download_isic import download_dataset, main, map_label
+from tools.download_isic import build_parser, download_dataset, main, map_label
+from tools.progress import Progress
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "images"
 IDS = ("ISIC_0024323", "ISIC_0024360", "ISIC_0024370")
 # Not the built-in default (212): proves the collection is looked up by name.
 HAM_COLLECTION = 901
+EMPTY_COLLECTION = 902
 
 
 @dataclass
@@ -84,6 +87,8 @@ def _handler(archive: FakeArchive) -> type[BaseHTTPRequestHandler]:
                 return self._json({"count": 3, "next": f"{archive.base}/api/v2/collections/?cursor=2",
                                    "previous": None, "results": page1})
             if url.path == "/api/v2/images/search/":
+                if query.get("collections") == str(EMPTY_COLLECTION):
+                    return self._json({"count": 0, "next": None, "previous": None, "results": []})
                 if query.get("collections") != str(HAM_COLLECTION):
                     return self._json({"detail": "unknown collection"}, 400)
                 records = archive.records()
@@ -263,3 +268,55 @@ def test_metadata_csv_is_a_label_file_the_validator_reads(archive: FakeArchive, 
     by_id = {r["image_id"]: r for r in written}
     for row in rows:
         assert row.image_id in by_id and (row.label or "") == by_id[row.image_id]["ham7"]
+
+
+def test_every_flag_has_help() -> None:
+    assert_all_flags_have_help(build_parser())
+
+
+def test_an_empty_listing_is_an_error_not_success(archive: FakeArchive, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--out", str(tmp_path), "--base-url", f"{archive.base}/api/v2", "--collection",
+                 str(EMPTY_COLLECTION)])
+
+    assert code == 1
+    out, err = capsys.readouterr()
+    assert "listed 0" in out
+    assert "the archive listed no images for collections [902]" in one_error_line(err)
+
+
+def test_out_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "f").write_text("x")
+
+    assert main(["--out", str(tmp_path / "f"), "--base-url", "http://127.0.0.1:9/api/v2"]) == 1
+    assert "is a file, not a folder" in one_error_line(capsys.readouterr().err)
+
+
+def test_unreachable_archive_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(download_isic, "BACKOFF_S", 0.0)
+    # Port 9 (discard) on the loopback: nothing listens, the connection is refused at once.
+    code = main(["--out", str(tmp_path), "--base-url", "http://127.0.0.1:9/api/v2", "--retries", "0"])
+
+    assert code == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "images/search" in line and "after 1 attempts" in line
+
+
+def test_progress_counts_bytes_rate_and_eta(archive: FakeArchive, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    bars: list[Progress] = []
+    real = download_isic.Progress
+
+    def spy(*args: object, **kwargs: object) -> Progress:
+        bar = real(*args, **kwargs)  # type: ignore[arg-type]
+        bars.append(bar)
+        return bar
+
+    monkeypatch.setattr(download_isic, "Progress", spy)
+    _run(archive, tmp_path)
+    total = sum(len(b) for b in archive.blobs.values())
+    assert (bars[0].done, bars[0].bytes, bars[0].total_bytes) == (3, total, total)
+    # A re-run skips all three: nothing left to move, nothing counted as moved.
+    _run(archive, tmp_path)
+    assert (bars[1].done, bars[1].bytes, bars[1].total_bytes) == (3, 0, 0)

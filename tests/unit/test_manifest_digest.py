@@ -13,8 +13,13 @@ import pytest
 
 from tests.unit.handlers import Context, load_handler
 from tests.unit.test_deployment_handlers import CREATE_ENV
-from tests.unit.test_pipeline_handlers import METRICS, REGISTER_ENV, _put_job_output, _register_event
-from tests.unit.test_pipeline_handlers import aws  # noqa: F401 - the moto fixture
+from tests.unit.test_pipeline_handlers import (
+    METRICS,
+    REGISTER_ENV,
+    _put_job_output,
+    _register_event,
+    aws,  # noqa: F401 - the moto fixture
+)
 
 MANIFEST = json.dumps({"format": 1, "algorithm": "sha256", "files": {"model.ts": "0" * 64}}).encode()
 DIGEST = hashlib.sha256(MANIFEST).hexdigest()
@@ -24,14 +29,16 @@ DIGEST = hashlib.sha256(MANIFEST).hexdigest()
     ({"metrics.json": json.dumps(METRICS).encode(), "manifest.json": MANIFEST}, DIGEST),
     ({"metrics.json": json.dumps(METRICS).encode()}, None),  # a job from before the manifest
 ])
-def test_evaluate_reports_the_manifest_digest(aws: None, monkeypatch: pytest.MonkeyPatch, files: dict[str, bytes],
+@pytest.mark.usefixtures("aws")
+def test_evaluate_reports_the_manifest_digest(monkeypatch: pytest.MonkeyPatch, files: dict[str, bytes],
                                               expected: str | None) -> None:
     event = _put_job_output(files)
     app = load_handler("evaluate_model", {"ARTIFACTS_BUCKET": "artifacts"}, monkeypatch)
     assert app.lambda_handler(event, Context())["manifestSha256"] == expected
 
 
-def test_the_approved_package_pins_the_files_the_endpoint_serves(aws: None, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("aws")
+def test_the_approved_package_pins_the_files_the_endpoint_serves(monkeypatch: pytest.MonkeyPatch) -> None:
     event: dict[str, Any] = _register_event()
     event["evaluation"]["manifestSha256"] = DIGEST
     register = load_handler("register_model", {**REGISTER_ENV, "AUTO_APPROVE": "true"}, monkeypatch)
