@@ -8,11 +8,15 @@ SAM_VENV := .venv-sam
 CHECKOV_VENV := .venv-checkov
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup run test lint typecheck sam-validate bench clean preflight images deploy
+.PHONY: setup run up test lint unit bench clean preflight images deploy
 
 $(VENV)/.stamp: requirements/dev.txt requirements/lambda.txt requirements/train.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements/dev.txt
+	# The layers' packages importable from this venv, as /opt/python makes them on Lambda and PYTHONPATH in the
+	# images: `python -m lesionml.model_dir ...` and the benchmarks work from a plain shell.
+	printf '%s\n' "$(CURDIR)" "$(CURDIR)/layers/common" "$(CURDIR)/layers/imaging" "$(CURDIR)/layers/monitoring" \
+	  > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/skin-lesion-layers.pth"
 	touch $@
 
 $(SAM_VENV)/.stamp: requirements/sam.txt
@@ -36,11 +40,25 @@ setup: $(VENV)/.stamp
 run: $(VENV)/.stamp
 	$(PY) -m localmode run
 
+## Serve the stack locally for the AWS CLI and boto3 until Ctrl-C (README, "Rehearse operations locally").
+## UP_ARGS passes options, e.g. make up UP_ARGS="--port 4567 --no-sample".
+up: $(VENV)/.stamp
+	$(PY) -m localmode up $(UP_ARGS)
+
 ## Every check: lint, types, template and ASL validation, unit and end-to-end tests.
 test: $(VENV)/.stamp $(SAM_VENV)/.stamp $(CHECKOV_VENV)/.stamp node_modules/.stamp
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	PATH="$(CURDIR)/$(SAM_VENV)/bin:$(CURDIR)/node_modules/.bin:$(CURDIR)/$(CHECKOV_VENV)/bin:$$PATH" $(PY) -m pytest
+
+## Fast checks while working: lint and types (what `make test` runs first, without the slow tools).
+lint: $(VENV)/.stamp
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+## Fast tests: everything except the end-to-end runs (real training) and the tests that need the SAM/Node tools.
+unit: $(VENV)/.stamp
+	$(PY) -m pytest -q -m "not e2e and not tools"
 
 ## First deployment (README, "First deployment"): preflight, images, deploy.
 CONFIG_ENV ?= default
@@ -65,8 +83,9 @@ deploy: $(SAM_VENV)/.stamp
 	  echo "sam deploy --config-env $(CONFIG_ENV) $$args"; \
 	  eval "$(SAM_VENV)/bin/sam deploy --config-env $(CONFIG_ENV) $$args"
 
+## The handler cold-start benchmark; the others need data, Docker or minutes each: see benchmarks/README.md.
 bench: $(VENV)/.stamp
-	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.cold_start --repeats 5
 
 clean:
 	rm -rf $(VENV) $(SAM_VENV) $(CHECKOV_VENV) node_modules .aws-sam .local

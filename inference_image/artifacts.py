@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from lesionml.labels import parse_classes_document
+from lesionml.labels import MELANOMA, parse_classes_document
 from lesionml.model_dir import (
     KNOWN_ANSWERS_NAME,
     ModelDirIntegrityError,
@@ -41,7 +41,6 @@ REQUIRED_FILES: dict[str, str] = {
     "reference_stats.json": "the drift / out-of-distribution reference",
     KNOWN_ANSWERS_NAME: "the known-answer check",
 }
-MELANOMA = "mel"
 
 
 class ModelDirError(RuntimeError):

@@ -1,9 +1,9 @@
 """Request bytes to an 8-bit RGB image, refusing what cannot or must not be decoded.
 
-The conversions mirror the upload validation (``layers/imaging/lesion_imaging/validation.py``), because the model
-was trained on what that validation stored: EXIF orientation applied, an embedded colour profile converted to
-sRGB, 16-bit grey scaled (not clipped) to 8 bits, alpha dropped (not composited), CMYK, palette and grey to RGB.
-A test keeps the two in agreement. Unlike validation, a picture that is not a lesion (blank, a mask, a photo of a
+The conversions are the upload validation's own (``lesion_imaging.pixels``, from the imaging layer, which this
+image copies), because the model was trained on what that validation stored: EXIF orientation applied, an embedded
+colour profile converted to sRGB, 16-bit grey scaled (not clipped) to 8 bits, alpha dropped (not composited), CMYK,
+palette and grey to RGB. Unlike validation, a picture that is not a lesion (blank, a mask, a photo of a
 cat) is not refused here: it is classified and flagged out-of-distribution (:mod:`inference_image.ood`).
 
 Refusals carry an HTTP status: 400 for bytes that are not a readable image, 413 for a header claiming more
@@ -18,14 +18,13 @@ RGB conversion, which then work on a copy a few times the model input instead of
 
 from __future__ import annotations
 
-import functools
 import io
-import struct
 import warnings
-import zlib
 
 import numpy as np
-from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from lesion_imaging.pixels import DECODE_ERRORS, grey_filled_scan, to_rgb, upright_rgb
 
 try:  # optional: without it every JPEG takes Pillow's path (same pixels, slower)
     import simplejpeg as _simplejpeg
@@ -35,22 +34,7 @@ except ImportError:  # pragma: no cover - installed in the image and in developm
 # Formats a camera, phone or dermatoscope app may send; every other Pillow plugin stays unreachable from a request.
 # (Pillow opens a JPEG with an MPF extension, "MPO", through its JPEG plugin.)
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-_EXIF_ORIENTATION = 0x0112
-_ORIENTATION_SOURCES = frozenset({"exif", "Raw profile type exif", "xmp", "XML:com.adobe.xmp"})
-_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-# Pillow raises all of these for malformed input, depending on the plugin and where the damage is.
-_DECODE_ERRORS = (
-    OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, IndexError, KeyError, TypeError,
-    ZeroDivisionError, OverflowError, MemoryError,
-)
+_DECODE_ERRORS = DECODE_ERRORS  # Pillow's many ways of saying "unreadable" (lesion_imaging.pixels)
 # A JPEG decoded at 1/2, 1/4 or 1/8 scale (DCT scaling) is used only while it stays this many times larger than
 # the model input: the antialiased resize then gives practically the same input, at a fraction of the decode cost.
 DRAFT_MARGIN = 4
@@ -132,83 +116,6 @@ class DecodedImage:
                    for c in self.conversions)
 
 
-def _orientation(im: Image.Image) -> int:
-    """EXIF orientation, 1 when absent or unreadable (a broken EXIF block must not fail the request)."""
-    if not _ORIENTATION_SOURCES & im.info.keys():
-        return 1
-    try:
-        value = im.getexif().get(_EXIF_ORIENTATION, 1)
-    except _DECODE_ERRORS:
-        return 1
-    return value if isinstance(value, int) and value in _TRANSPOSE else 1
-
-
-def _sixteen_bit_to_l(im: Image.Image) -> Image.Image:
-    """Scale 16-bit grey to 8 bits; Pillow's own conversion clips at 255, turning most of the image white."""
-    wide = np.clip(np.asarray(im).astype(np.int64, copy=False), 0, 65535).astype(np.uint32)
-    return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))  # uint8 2-D: mode L
-
-
-def _float_to_l(im: Image.Image) -> Image.Image:
-    """32-bit float grey (TIFF): values in [0, 1] are taken as intensities, anything else is min-max scaled."""
-    arr = np.nan_to_num(np.asarray(im, dtype=np.float64))
-    lo, hi = float(arr.min()), float(arr.max())
-    if lo < 0.0 or hi > 1.0:
-        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-    return Image.fromarray(np.round(arr * 255).astype(np.uint8))
-
-
-def _to_rgb(im: Image.Image, conversions: list[str]) -> Image.Image:
-    """Any decoded mode to 8-bit RGB (alpha dropped, as validation does, so lesion pixels keep their values)."""
-    mode = im.mode
-    if mode == "RGB":
-        return im
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        out = _sixteen_bit_to_l(im).convert("RGB")
-    elif mode == "F":
-        out = _float_to_l(im).convert("RGB")
-    elif mode in ("RGBA", "RGBa", "RGBX"):
-        out = im.convert("RGB")
-    elif mode in ("LA", "La", "PA"):
-        out = im.convert("RGBA" if mode == "PA" else "LA").convert("RGB")
-    elif mode == "P" and "transparency" in im.info:
-        out = im.convert("RGBA").convert("RGB")
-    else:  # L, 1, P, CMYK (Pillow inverts Adobe CMYK JPEGs on load), YCbCr, LAB, HSV
-        out = im.convert("RGB")
-    conversions.append(f"{mode}->RGB")
-    return out
-
-
-@functools.lru_cache(maxsize=16)
-def _icc_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
-    """Profile-to-sRGB transform, cached: phones embed the same few profiles and building one costs milliseconds."""
-    try:
-        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        return ImageCms.buildTransform(src, ImageCms.createProfile("sRGB"), mode, "RGB")
-    except (ImageCms.PyCMSError, *_DECODE_ERRORS):
-        return None
-
-
-def _apply_icc(im: Image.Image, conversions: list[str]) -> Image.Image:
-    """Convert an embedded colour profile to sRGB; an unusable profile is ignored (pixels taken as sRGB)."""
-    icc = im.info.get("icc_profile")
-    if not icc or im.mode not in ("RGB", "CMYK", "L"):
-        return im
-    transform = _icc_transform(bytes(icc), im.mode)
-    if transform is None:
-        conversions.append("icc_ignored")
-        return im
-    try:
-        out = ImageCms.applyTransform(im, transform)
-    except (ImageCms.PyCMSError, *_DECODE_ERRORS):
-        conversions.append("icc_ignored")
-        return im
-    if out is None:
-        return im
-    conversions.append("icc->sRGB")
-    return out
-
-
 def _reduce_large(im: Image.Image, target_size: tuple[int, int], conversions: list[str]) -> Image.Image:
     """Box-average a decoded picture by the largest integer factor that keeps it :data:`DRAFT_MARGIN` times larger
     than the model input on both sides (the JPEG draft rule), so everything after decoding costs in proportion to
@@ -218,7 +125,7 @@ def _reduce_large(im: Image.Image, target_size: tuple[int, int], conversions: li
     if factor < 2:
         return im
     if im.mode in ("P", "PA", "1"):
-        im = _to_rgb(im, conversions)
+        im = to_rgb(im, conversions)
     w, h = im.width // factor, im.height // factor
     if im.mode.startswith("I;16"):  # Image.reduce does not take 16-bit modes; a box resize is the same average
         out = im.resize((w, h), Image.Resampling.BOX, box=(0, 0, w * factor, h * factor))
@@ -226,19 +133,6 @@ def _reduce_large(im: Image.Image, target_size: tuple[int, int], conversions: li
         out = im.reduce(factor, box=(0, 0, w * factor, h * factor))
     conversions.append(f"reduced_1/{factor}")
     return out
-
-
-def _grey_filled_scan(im: Image.Image) -> bool:
-    """A JPEG whose bottom 8 rows are the decoder's exact grey fill: the scan data was damaged (as validation)."""
-    if im.mode not in ("RGB", "L") or im.height < 8:
-        return False
-    grey = (128, 128, 128) if im.mode == "RGB" else 128
-    y = im.height - 1
-    if not all(im.getpixel((x, y)) == grey for x in (0, im.width // 2, im.width - 1)):
-        return False
-    band = im.crop((0, im.height - 8, im.width, im.height)).getextrema()
-    extrema = [band] if im.mode == "L" else band
-    return all(lo == hi == 128 for lo, hi in extrema)  # type: ignore[misc]
 
 
 def _plain_jpeg(data: bytes) -> bool:
@@ -345,20 +239,13 @@ def decode_image(data: bytes, max_pixels: int, target_size: tuple[int, int] | No
                 raise ImageRequestError(400, "truncated_image", f"the image data ends early: {e}") from None
             raise ImageRequestError(400, "corrupt_image", f"pixel data cannot be decoded: {type(e).__name__}: {e}") \
                 from None
-        if source_format in ("JPEG", "MPO") and _grey_filled_scan(im):
+        if source_format in ("JPEG", "MPO") and grey_filled_scan(im):
             raise ImageRequestError(400, "corrupt_image", "JPEG scan data is damaged: the bottom of the image is "
                                     "the decoder's grey fill")
         try:
             if target_size is not None:
                 im = _reduce_large(im, target_size, conversions)
-            orientation = _orientation(im)
-            if orientation != 1:
-                im = im.transpose(_TRANSPOSE[orientation])
-                conversions.append(f"exif_orientation_{orientation}")
-            if im.mode not in ("RGB", "CMYK", "L"):
-                im = _to_rgb(im, conversions)
-            im = _apply_icc(im, conversions)
-            rgb = _to_rgb(im, conversions)
+            rgb = upright_rgb(im, conversions)
         except _DECODE_ERRORS as e:
             raise ImageRequestError(400, "corrupt_image", f"cannot convert {source_mode} to RGB: {e}") from None
     return DecodedImage(rgb, source_format, source_mode, width, height, conversions)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import threading
 import time
 import uuid
@@ -22,6 +21,7 @@ from inference_image.ood import ImageEvidence, OODScorer
 from inference_image.runtime import Backend
 from inference_image.settings import Settings
 from inference_image.transform import ModelInputBuilder
+from lesionml.metrics import at_risk, decide
 
 log = logging.getLogger("inference.predictor")
 
@@ -79,7 +79,9 @@ class Predictor:
         self.inputs = ModelInputBuilder(artifacts.spec)
         self.classes = artifacts.classes
         self.mel_index = self.classes.index(MELANOMA) if MELANOMA in self.classes else None
-        self.offsets = artifacts.decision_offsets
+        # metrics.json's decision offsets, as decide() takes them (None: the plain arg-max).
+        offsets = artifacts.decision_offsets
+        self.offsets = None if offsets is None else np.asarray(offsets, dtype=np.float64)
         self.ood = OODScorer(artifacts.reference, settings.ood_embedding_threshold, settings.ood_image_threshold)
         self.capture = CaptureWriter(settings.capture_dir, settings.capture_raw) if settings.capture_dir else None
         # One model run at a time per worker: each run already uses the worker's share of the CPUs. (The uvicorn
@@ -180,15 +182,9 @@ class Predictor:
         self, p: _Prepared, probs: np.ndarray, emb: np.ndarray, with_record: bool
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The prediction block for one image, and its capture record when ``with_record``."""
-        # Plain Python on the few class probabilities: after a model run every numpy call costs ~10 us (cold caches),
-        # more than these loops.
+        # The decision rule the training job evaluated, from the one place that defines it (lesionml.metrics).
+        top = int(decide(probs[np.newaxis], self.offsets)[0])
         values = probs.tolist()
-        if self.offsets is None:
-            top = values.index(max(values))
-        else:
-            # The decision rule the training job evaluated (lesionml.metrics.decide): arg-max of log p + offsets.
-            scores = [math.log(max(v, 1e-30)) + o for v, o in zip(values, self.offsets, strict=True)]
-            top = scores.index(max(scores))
         rounded = [round(v, 6) for v in values]
         probabilities = dict(zip(self.classes, rounded, strict=True))
         melanoma = None
@@ -196,7 +192,8 @@ class Predictor:
             pm = values[self.mel_index]
             threshold = self.artifacts.melanoma_threshold
             assert threshold is not None
-            melanoma = {"probability": rounded[self.mel_index], "threshold": threshold, "at_risk": pm >= threshold}
+            melanoma = {"probability": rounded[self.mel_index], "threshold": threshold,
+                        "at_risk": bool(at_risk(pm, threshold))}
         ood = self.ood.score(emb, p.evidence)
         d = p.decoded
         # What drift detection needs, in the answer itself: on AWS, Data Capture stores the answers, not our records.

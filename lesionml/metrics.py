@@ -96,10 +96,19 @@ def macro_auc_ovr(y_true: np.ndarray, probs: np.ndarray) -> tuple[float, np.ndar
     return (float(per_class[valid].mean()) if valid.any() else float("nan")), per_class
 
 
+def at_risk(melanoma_probability: Any, threshold: float) -> Any:
+    """The melanoma decision: ``P(mel) >= threshold`` (a bool for a number, a boolean array for an array).
+
+    ``threshold`` is ``metrics.json``'s ``melanoma_threshold``, chosen on validation data (:func:`choose_threshold`);
+    serving (``inference_image.predictor``) flags an image with this rule, evaluation scores it with the same one.
+    """
+    return melanoma_probability >= threshold
+
+
 def sensitivity_specificity(y_binary: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float, float]:
-    """Sensitivity and specificity of ``score >= threshold``."""
+    """Sensitivity and specificity of ``score >= threshold`` (:func:`at_risk`)."""
     y = np.asarray(y_binary, dtype=bool)
-    pred = np.asarray(scores) >= threshold
+    pred = at_risk(np.asarray(scores), threshold)
     sens = float((pred & y).sum() / y.sum()) if y.any() else float("nan")
     spec = float((~pred & ~y).sum() / (~y).sum()) if (~y).any() else float("nan")
     return sens, spec
@@ -156,8 +165,8 @@ def _decided_balanced_accuracy(y: np.ndarray, logp: np.ndarray, offsets: np.ndar
 def decide(probs: np.ndarray, offsets: np.ndarray | None = None) -> np.ndarray:
     """Predicted class indices: the arg-max of ``log(probs) + offsets`` (the plain arg-max without offsets).
 
-    The same rule as serving (``inference_image.predictor``), which applies ``metrics.json``'s
-    ``decision_offsets``.
+    The one implementation of the class decision: evaluation calls it, and so does serving
+    (``inference_image.predictor``) with ``metrics.json``'s ``decision_offsets``. Ties go to the first class.
     """
     if offsets is None or not np.any(offsets):
         return np.asarray(np.asarray(probs).argmax(axis=1), dtype=np.int64)

@@ -304,8 +304,43 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--serve", action="store_true", help="keep the local endpoint serving until Ctrl-C")
     run_p.add_argument("--parameter", action="append", default=[], metavar="KEY=VALUE",
                        help="template parameter override (repeatable)")
+    up_p = sub.add_parser("up", help="deploy the stack locally and serve it over HTTP for the AWS CLI and boto3 "
+                                     "until Ctrl-C")
+    up_p.add_argument("--port", type=int, default=4566, help="TCP port on 127.0.0.1 (default 4566; 0: any free one)")
+    loaded = up_p.add_mutually_exclusive_group()
+    loaded.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="folder with images/ and a metadata CSV, uploaded at start (default: data/sample)")
+    loaded.add_argument("--no-sample", action="store_true", help="start with empty buckets and tables")
+    up_p.add_argument("--metadata", type=Path, help="metadata CSV (default: the first *.csv in --data)")
+    up_p.add_argument("--work-dir", type=Path, default=REPO_ROOT / ".local" / "up",
+                      help="where job directories and logs go (default: .local/up)")
+    up_p.add_argument("--parameter", action="append", default=[], metavar="KEY=VALUE",
+                      help="template parameter override (repeatable); AutoApprove defaults to false here")
+    up_p.add_argument("--no-schedules", action="store_true",
+                      help="fire schedule rules only on demand (`python -m localmode fire RULE`)")
+    up_p.add_argument("--template", type=Path, help=argparse.SUPPRESS)
+    fire_p = sub.add_parser("fire", help="fire a schedule rule (e.g. DetectDriftFunctionHourly) on a running `up`")
+    fire_p.add_argument("rule", help="the rule's name, as GET /_localmode/resources lists it under schedules")
+    fire_p.add_argument("--port", type=int, default=4566, help="the port `up` listens on (default 4566)")
     args = parser.parse_args(argv)
-    parameters = dict(p.split("=", 1) for p in args.parameter)
+    parameters = dict(p.split("=", 1) for p in args.parameter) if "parameter" in args else {}
+    if args.command == "fire":
+        from localmode.server import fire_remote
+
+        return fire_remote(args.rule, args.port)
+    if args.command == "up":
+        from localmode.server import up
+
+        logging.basicConfig(level=logging.WARNING, stream=sys.__stderr__, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        data = None if args.no_sample else args.data
+        try:
+            if data is not None:
+                check_data(data, args.metadata)
+        except ToolError as err:
+            return fail(str(err))
+        return up(args.port, args.work_dir.resolve(), {"AutoApprove": "false", **parameters}, data, args.metadata,
+                  schedules=not args.no_schedules, template=args.template)
     try:
         check_data(args.data, args.metadata)
     except ToolError as err:

@@ -189,7 +189,10 @@ class LocalEndpoints:
             "SAGEMAKER_MODEL_SERVER_WORKERS": str(self.workers),
             "SERVING_CACHE_DIR": str(logs / "cache"),
             "SERVING_ENDPOINT_NAME": name,
-            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
+            # The image's PYTHONPATH (inference_image/Dockerfile): the repository and the common and imaging layers.
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), str(REPO_ROOT / "layers" / "common"),
+                                                      str(REPO_ROOT / "layers" / "imaging"),
+                                                      os.environ.get("PYTHONPATH", "")) if p),
             "PYTHONDONTWRITEBYTECODE": "1",
         })
         if version is not None:

@@ -251,7 +251,9 @@ class TrainingJobRunner:
         start = time.time()
         try:
             self._set_status("InProgress", "Downloading", "Downloading input data")
-            env = {**os.environ, **self._lay_out(), "PYTHONPATH": str(self.repo_root), "PYTHONUNBUFFERED": "1"}
+            # The image's PYTHONPATH (training_image/Dockerfile): the repository and the common layer.
+            pythonpath = os.pathsep.join((str(self.repo_root), str(self.repo_root / "layers" / "common")))
+            env = {**os.environ, **self._lay_out(), "PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1"}
             if self.stop_requested.is_set():
                 self._end_stopped(start)
                 return

@@ -28,9 +28,14 @@ from typing import Any
 
 import requests
 
-from lesionml.labels import LABEL_SETS
 from tools.cli import ToolError, run_main
 from tools.progress import Progress
+
+_LAYER = Path(__file__).resolve().parents[1] / "layers" / "common"
+if str(_LAYER) not in sys.path:
+    # The label sets' one home is the common layer (as in tools/upload_dataset.py).
+    sys.path.append(str(_LAYER))
+from lesion_common.labels import LABEL_SETS  # noqa: E402
 
 DEFAULT_BASE_URL = "https://api.isic-archive.com/api/v2"
 PAGE_SIZE = 100

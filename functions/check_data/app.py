@@ -39,6 +39,9 @@ MODEL_PACKAGE_GROUP = os.environ["MODEL_PACKAGE_GROUP"]
 LABEL_SET = os.environ["LABEL_SET"]
 MIN_NEW_IMAGES = int(os.environ["MIN_NEW_IMAGES"])
 MIN_IMAGES_PER_CLASS = int(os.environ["MIN_IMAGES_PER_CLASS"])
+# validate_image writes status_shard = <status>#<0..STATUS_SHARDS-1>; the same number is configured for both.
+STATUS_SHARDS = int(os.environ["STATUS_SHARDS"])
+STATUS_INDEX = "by-status-shard"
 
 s3 = boto3.client("s3")
 sagemaker = boto3.client("sagemaker")
@@ -84,28 +87,36 @@ def last_model_time(sm: Any, group: str) -> datetime | None:
     return packages[0]["CreationTime"] if packages else None
 
 
-def validated_images(tbl: Any) -> list[dict[str, Any]]:
-    """All manifest items with status VALIDATED, through the by-status index."""
-    return _items_with_status(tbl, "VALIDATED")
+def validated_images(tbl: Any, shards: int | None = None) -> list[dict[str, Any]]:
+    """All manifest items with status VALIDATED, through every shard of the by-status-shard index."""
+    return _items_with_status(tbl, "VALIDATED", shards=shards)
 
 
-def duplicate_links(tbl: Any) -> list[dict[str, Any]]:
+def duplicate_links(tbl: Any, shards: int | None = None) -> list[dict[str, Any]]:
     """``image_id, lesion_id, duplicate_of`` of every DUPLICATE item: a picture already in the data under
     another id, which links its lesion to that picture's."""
-    return _items_with_status(tbl, "DUPLICATE", "image_id, lesion_id, duplicate_of")
+    return _items_with_status(tbl, "DUPLICATE", "image_id, lesion_id, duplicate_of", shards=shards)
 
 
-def _items_with_status(tbl: Any, status: str, projection: str | None = None) -> list[dict[str, Any]]:
+def _items_with_status(
+    tbl: Any, status: str, projection: str | None = None, shards: int | None = None
+) -> list[dict[str, Any]]:
+    """Every item of ``status``: each shard ``<status>#0`` .. ``<status>#<shards-1>`` queried to its last page."""
     items: list[dict[str, Any]] = []
-    kwargs: dict[str, Any] = {"IndexName": "by-status", "KeyConditionExpression": Key("status").eq(status)}
-    if projection:
-        kwargs["ProjectionExpression"] = projection
-    while True:
-        page = tbl.query(**kwargs)
-        items.extend(page["Items"])
-        if "LastEvaluatedKey" not in page:
-            return items
-        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+    for shard in range(STATUS_SHARDS if shards is None else shards):
+        kwargs: dict[str, Any] = {
+            "IndexName": STATUS_INDEX,
+            "KeyConditionExpression": Key("status_shard").eq(f"{status}#{shard}"),
+        }
+        if projection:
+            kwargs["ProjectionExpression"] = projection
+        while True:
+            page = tbl.query(**kwargs)
+            items.extend(page["Items"])
+            if "LastEvaluatedKey" not in page:
+                break
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+    return items
 
 
 def _parse_time(value: str) -> datetime:
@@ -166,6 +177,8 @@ def one_row_per_picture(
     for link in links:
         if link.get("duplicate_of"):
             groups.union("lesion:" + _lesion(link), "image:" + str(link["duplicate_of"]))
+            # A copy can name another copy (the exact-copy owner of its bytes was itself a near copy): chain them.
+            groups.union("image:" + str(link["image_id"]), "lesion:" + _lesion(link))
 
     labelled = sorted((i for i in items if i.get("label") in classes), key=lambda i: str(i["image_id"]))
     kept: dict[str, dict[str, Any]] = {}

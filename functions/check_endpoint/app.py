@@ -12,10 +12,11 @@ from typing import Any
 import boto3
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from lesion_common.deployment import sagemaker_errors
-from lesion_common.errors import EndpointRolledBackError, EndpointUpdateError, InvalidRequestError
+from lesion_common.errors import EndpointRolledBackError, EndpointUpdateError
+from lesion_common.parsing import parse_event
 
 logger = Logger()
 
@@ -64,8 +65,5 @@ def check(sm: Any, cw: Any, req: CheckRequest) -> dict[str, Any]:
 @logger.inject_lambda_context(log_event=True)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Report whether the endpoint change has settled on the target configuration."""
-    try:
-        req = CheckRequest.model_validate(event)
-    except ValidationError as err:
-        raise InvalidRequestError(f"invalid check request: {err}") from err
+    req = parse_event(CheckRequest, event, "invalid check request")
     return check(sagemaker, cloudwatch, req)

@@ -8,10 +8,10 @@ from typing import Any
 import boto3
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from lesion_common.deployment import autoscaling_errors, scalable_resource_id
-from lesion_common.errors import InvalidRequestError
+from lesion_common.parsing import parse_event
 
 logger = Logger()
 
@@ -59,8 +59,5 @@ def configure(aas: Any, endpoint: str) -> dict[str, Any]:
 @logger.inject_lambda_context(log_event=True)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Keep the endpoint between its bounds as traffic changes."""
-    try:
-        req = ScalingRequest.model_validate(event)
-    except ValidationError as err:
-        raise InvalidRequestError(f"invalid scaling request: {err}") from err
+    req = parse_event(ScalingRequest, event, "invalid scaling request")
     return configure(autoscaling, req.endpoint_name)

@@ -19,11 +19,11 @@ import boto3
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from lesion_common.deployment import VARIANT, is_already_existing, sagemaker_errors, versioned_name
-from lesion_common.errors import InvalidRequestError
 from lesion_common.instances import has_local_nvme
+from lesion_common.parsing import parse_event
 
 logger = Logger()
 
@@ -133,8 +133,5 @@ def create(sm: Any, pkg: PackageApproved) -> dict[str, Any]:
 @logger.inject_lambda_context(log_event=True)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Model and endpoint configuration for the approved version."""
-    try:
-        pkg = PackageApproved.model_validate(event)
-    except ValidationError as err:
-        raise InvalidRequestError(f"not an approved model package: {err}") from err
+    pkg = parse_event(PackageApproved, event, "not an approved model package")
     return create(sagemaker, pkg)

@@ -21,9 +21,9 @@ import boto3
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from lesion_common.errors import InvalidRequestError
+from lesion_common.parsing import parse_event
 from lesion_monitoring.cloudwatch import put_metrics
 from lesion_monitoring.drift import DriftBatch, compute_drift, drift_metrics
 from lesion_monitoring.records import ReadStats, iter_s3_predictions, split_s3_uri
@@ -124,10 +124,7 @@ def store(s3_client: Any, result: dict[str, Any], end: datetime) -> str:
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Evaluate the window ending at the event's time; publish and store the result."""
-    try:
-        req = DriftRequest.model_validate(event or {})
-    except ValidationError as err:
-        raise InvalidRequestError(f"invalid drift request: {err}") from err
+    req = parse_event(DriftRequest, event or {}, "invalid drift request")
     start, end = window_of(req, datetime.now(UTC))
     result = evaluate(s3, sagemaker, start, end)
     result["published"] = put_metrics(cloudwatch, METRIC_NAMESPACE, drift_metrics(result))

@@ -23,7 +23,8 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lesion_common.errors import InvalidRequestError, MetricsMissingError
+from lesion_common.errors import MetricsMissingError
+from lesion_common.parsing import parse_event
 from lesion_common.training_jobs import TrainingOutputAccessDeniedError, TrainingOutputMissingError
 
 logger = Logger()
@@ -127,10 +128,7 @@ def evaluate(client: Any, job_name: str, model_data_url: str) -> dict[str, Any]:
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Return the candidate's test metrics, the baseline's, and where the full report is."""
-    try:
-        req = EvaluateEvent.model_validate(event)
-    except ValidationError as err:
-        raise InvalidRequestError(f"invalid evaluate request: {err}") from err
+    req = parse_event(EvaluateEvent, event, "invalid evaluate request")
     result = evaluate(s3, req.training_job_name, req.model_data_url)
     for name in GATED_METRICS:
         metrics.add_metric(name=f"Candidate_{name}", unit=MetricUnit.Count, value=result["metrics"][name])

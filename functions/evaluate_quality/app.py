@@ -22,10 +22,11 @@ import boto3
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from lesion_common.errors import InvalidRequestError
 from lesion_common.labels import classes_for
+from lesion_common.parsing import parse_event
 from lesion_monitoring.cloudwatch import put_metrics
 from lesion_monitoring.quality import (
     GroundTruth,
@@ -179,10 +180,7 @@ def quality_result(rows: list[dict[str, Any]]) -> dict[str, Any]:
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Join one ground-truth upload and publish the rolling quality of the serving model."""
-    try:
-        ev = ObjectCreated.model_validate(event)
-    except ValidationError as err:
-        raise InvalidRequestError(f"invalid Object Created event: {err}") from err
+    ev = parse_event(ObjectCreated, event, "invalid Object Created event")
     bucket, key = ev.detail.bucket.name, ev.detail.object.key
     if bucket != DATA_BUCKET:
         raise InvalidRequestError(f"ground truth from bucket {bucket}, expected {DATA_BUCKET}")

@@ -10,9 +10,9 @@ from typing import Any
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
-from lesion_common.errors import InvalidRequestError
+from lesion_common.parsing import parse_event
 
 logger = Logger()
 
@@ -71,10 +71,7 @@ def judge(candidate: GatedMetrics, baseline: GatedMetrics | None) -> dict[str, A
 @logger.inject_lambda_context(log_event=True)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Decide whether the candidate may be registered."""
-    try:
-        req = GateEvent.model_validate(event)
-    except ValidationError as err:
-        raise InvalidRequestError(f"invalid gate request: {err}") from err
+    req = parse_event(GateEvent, event, "invalid gate request")
     verdict = judge(req.metrics, req.baseline)
     logger.info("gate verdict", extra=verdict)
     return verdict

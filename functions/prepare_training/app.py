@@ -16,10 +16,12 @@ from typing import Any
 import boto3
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from lesion_common.errors import InvalidRequestError, PipelineError
+from lesion_common.errors import PipelineError
 from lesion_common.instances import has_local_nvme
+from lesion_common.parsing import parse_event
+from lesion_common.registry import model_data_url, newest_approved_package
 from lesion_common.training_jobs import (
     RUNNING_STATUSES,
     TrainingJobStillRunningError,
@@ -84,19 +86,10 @@ def approved_model_data(sm: Any, group: str) -> str | None:
 
     The group is a resource of the stack, so any error (AWS documents none for ListModelPackages) is raised.
     """
-    resp = sm.list_model_packages(
-        ModelPackageGroupName=group,
-        ModelApprovalStatus="Approved",
-        SortBy="CreationTime",
-        SortOrder="Descending",
-        MaxResults=1,
-    )
-    summaries = resp.get("ModelPackageSummaryList", [])
-    if not summaries:
+    newest = newest_approved_package(sm, group)
+    if newest is None:
         return None
-    pkg = sm.describe_model_package(ModelPackageName=summaries[0]["ModelPackageArn"])
-    url: str = pkg["InferenceSpecification"]["Containers"][0]["ModelDataUrl"]
-    return url
+    return model_data_url(sm.describe_model_package(ModelPackageName=newest["ModelPackageArn"]))
 
 
 def _s3_channel(name: str, uri: str, data_type: str, content_type: str | None) -> dict[str, Any]:
@@ -207,8 +200,5 @@ def prepare(sm: Any, req: PrepareEvent) -> dict[str, Any]:
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Return the training request for the ``.sync`` state, or the job this execution already completed."""
-    try:
-        req = PrepareEvent.model_validate(event)
-    except ValidationError as err:
-        raise InvalidRequestError(f"invalid prepare-training request: {err}") from err
+    req = parse_event(PrepareEvent, event, "invalid prepare-training request")
     return prepare(sagemaker, req)

@@ -22,9 +22,9 @@ from aws_lambda_powertools.utilities.idempotency import (
     idempotent_function,
 )
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
-from lesion_common.errors import InvalidRequestError
+from lesion_common.parsing import parse_event
 
 logger = Logger()
 metrics = Metrics()
@@ -114,10 +114,7 @@ def register(request: dict[str, Any]) -> dict[str, Any]:
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Register the candidate; a repeated request returns the first registration."""
     idempotency_config.register_lambda_context(context)
-    try:
-        RegisterEvent.model_validate(event)
-    except ValidationError as err:
-        raise InvalidRequestError(f"invalid register request: {err}") from err
+    parse_event(RegisterEvent, event, "invalid register request")
     result = register(request={"trainingJobName": event["evaluation"]["trainingJobName"], **event})
     metrics.add_metric(name="ModelRegistered", unit=MetricUnit.Count, value=1)
     return result

@@ -23,9 +23,10 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
-from lesion_common.errors import InvalidRequestError, SmokeTestFailedError
+from lesion_common.errors import SmokeTestFailedError
+from lesion_common.parsing import parse_event
 
 logger = Logger()
 
@@ -117,10 +118,7 @@ def smoke_test(client: Any, req: SmokeRequest) -> dict[str, Any]:
 @logger.inject_lambda_context(log_event=True)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Check the freshly deployed endpoint with a known image."""
-    try:
-        req = SmokeRequest.model_validate(event)
-    except ValidationError as err:
-        raise InvalidRequestError(f"invalid smoke test request: {err}") from err
+    req = parse_event(SmokeRequest, event, "invalid smoke test request")
     result = smoke_test(runtime, req)
     logger.info("smoke test passed", extra=result)
     return result

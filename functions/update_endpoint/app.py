@@ -17,7 +17,7 @@ import boto3
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from lesion_common.deployment import (
     CREATE_BUDGET_SECONDS,
@@ -34,7 +34,8 @@ from lesion_common.deployment import (
     scalable_resource_id,
     variant_instance_type,
 )
-from lesion_common.errors import EndpointBusyError, EndpointConfigNotVisibleError, InvalidRequestError
+from lesion_common.errors import EndpointBusyError, EndpointConfigNotVisibleError
+from lesion_common.parsing import parse_event
 
 logger = Logger()
 
@@ -188,10 +189,7 @@ def _running_instance_type(sm: Any, config_name: str | None) -> str | None:
 @logger.inject_lambda_context(log_event=True)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Start the endpoint change; the state machine waits for it to settle."""
-    try:
-        req = UpdateRequest.model_validate(event)
-    except ValidationError as err:
-        raise InvalidRequestError(f"invalid update request: {err}") from err
+    req = parse_event(UpdateRequest, event, "invalid update request")
     result = deploy(sagemaker, autoscaling, req)
     logger.info("endpoint change started", extra=result)
     return result

@@ -12,6 +12,14 @@ bytes: the same file name in two folders), the upload gets its own item, ``<name
 claimed with a conditional write so that two such uploads at once cannot both take the name. The clean copy's key
 is content-derived, so two pictures can never overwrite each other in ``validated/``.
 
+Duplicate search reads a bounded number of items whatever the archive size (a separate table, HASH_INDEX_TABLE):
+an exact copy by a conditional write of ``sha256#<clean sha256>`` (of two copies at the same instant one wins,
+the other is a DUPLICATE of it), a near copy through the ``band#<i>#<slice>`` buckets of its pHash
+(:mod:`lesion_imaging.bands`): 1 write + at most 1 read for the claim, then the 264 bucket items of 8 bands x
+(own slice + 32 one bit away) in 3 BatchGetItem requests, each bucket holding at most ``BUCKET_CAP`` images.
+Manifest items carry ``status_shard`` (``<status>#<n>``), the partition key of the ``by-status-shard`` index, so
+that no index partition takes every write of a bulk upload.
+
 Every outcome is idempotent: the manifest item is keyed by the image id and written with expressions that give
 the same item whatever the order or repetition of events. Unexpected AWS errors propagate so that Lambda retries.
 """
@@ -48,6 +56,7 @@ from lesion_common.labels import (
     parse_metadata_csv,
 )
 from lesion_common.splits import assign_split
+from lesion_imaging.bands import BANDS, band_keys, probe_keys
 from lesion_imaging.validation import (
     NEAR_DUPLICATE_BITS,
     CleanImage,
@@ -62,6 +71,8 @@ metrics = Metrics()
 
 DATA_BUCKET = os.environ["DATA_BUCKET"]
 MANIFEST_TABLE = os.environ["MANIFEST_TABLE"]
+HASH_INDEX_TABLE = os.environ["HASH_INDEX_TABLE"]
+STATUS_SHARDS = int(os.environ["STATUS_SHARDS"])
 LABEL_SET = os.environ["LABEL_SET"]
 LIMITS = ValidationLimits(
     min_side=int(os.environ["MIN_IMAGE_SIDE"]),
@@ -79,7 +90,16 @@ dynamodb = boto3.client("dynamodb", config=Config(max_pool_connections=CSV_WORKE
 INCOMING: Final = "incoming/"
 VALIDATED_PREFIX: Final = "validated/"
 QUARANTINE_PREFIX: Final = "quarantine/"
-STATUS_INDEX: Final = "by-status"
+# Most images one band bucket holds (one item, its members a string set of "<phash><image id>": 32 members are
+# under 4 KB, one read unit). A bucket holds the images whose hash has one 32-bit slice in common; on HAM10000
+# none holds more than 3 (RESULTS.md), so a full one means a flood of near-identical frames: a further image is
+# left out of that band (still in the other seven), and it is logged and counted (HashBucketFull).
+BUCKET_CAP: Final = 32
+SHA_KEY_PREFIX: Final = "sha256#"
+SHA_SORT_KEY: Final = "owner"
+BUCKET_SORT_KEY: Final = "bucket"
+# BatchGetItem's limit of keys a request.
+BATCH_KEYS: Final = 100
 VALIDATED: Final = "VALIDATED"
 DUPLICATE: Final = "DUPLICATE"
 QUARANTINED: Final = "QUARANTINED"
@@ -135,10 +155,16 @@ class Settings:
     table: str
     label_set: str
     limits: ValidationLimits
+    hash_table: str = ""
+    status_shards: int = 1
     near_duplicate_bits: int = NEAR_DUPLICATE_BITS
+    bands: int = BANDS
+    bucket_cap: int = BUCKET_CAP
 
     def __post_init__(self) -> None:
         classes_for(self.label_set)  # an unknown label set fails here (the cold start), not on every upload
+        if not self.hash_table or self.status_shards < 1:
+            raise ValueError("a hash index table and at least one status shard are needed")
 
     @property
     def classes(self) -> frozenset[str]:
@@ -167,7 +193,8 @@ class Fetched:
     data: bytes | None
 
 
-SETTINGS = Settings(bucket=DATA_BUCKET, table=MANIFEST_TABLE, label_set=LABEL_SET, limits=LIMITS)
+SETTINGS = Settings(bucket=DATA_BUCKET, table=MANIFEST_TABLE, label_set=LABEL_SET, limits=LIMITS,
+                    hash_table=HASH_INDEX_TABLE, status_shards=STATUS_SHARDS)
 
 
 # ---------------------------------------------------------------------------------------------------- keys
@@ -217,6 +244,16 @@ def source_for(key: str) -> str:
 def quarantine_key_for(key: str) -> str:
     """``incoming/a/b.jpg`` -> ``quarantine/a/b.jpg``."""
     return QUARANTINE_PREFIX + key.removeprefix(INCOMING)
+
+
+def status_shard(status: str, image_id: str, shards: int) -> str:
+    """``<status>#<n>``, ``n`` from a hash of the image id: the partition key of the ``by-status-shard`` index.
+
+    A bulk upload writes thousands of VALIDATED items a second; keyed by status alone they would all land on
+    one index partition (and throttle the table through it). Readers query every shard of a status.
+    """
+    n = int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:4], "big") % shards
+    return f"{status}#{n}"
 
 
 def utc_now() -> str:
@@ -392,40 +429,143 @@ def _claim(update: dict[str, Any], source_key: str, source_sha256: str | None) -
     return f"({condition})"
 
 
-def find_duplicate(
-    client: Any, table: str, image_id: str, sha256: str, phash: str, max_bits: int
-) -> tuple[str, int] | None:
-    """The VALIDATED image this one duplicates: same clean bytes (distance 0), else the nearest pHash within
-    ``max_bits`` (ties to the smaller id, so reruns agree).
+def claim_picture(client: Any, table: str, sha256: str, image_id: str, source_key: str) -> str:
+    """Claim the clean bytes ``sha256`` for ``image_id``; return the image id that holds them.
 
-    Reads ``image_id, sha256, phash`` of every VALIDATED item through the ``by-status`` index: about 150 bytes
-    an item, so 25k images are a few 1 MB pages. Two copies uploaded at the same instant can both pass (the
-    index is eventually consistent); check_data's dataset build drops equal sha256s and keeps linked pictures in
-    one split.
+    One item ``sha256#<hex>`` per picture, written with a condition, so that of two copies written at the same
+    instant exactly one wins and the other reads the winner: the key lookup that replaces the scan for exact
+    copies. The same upload (its key) or the same image id may claim again (redelivered events, a file moved to
+    its alternate id, the same bytes re-uploaded under the same name from another folder).
+    """
+    key = {"pk": {"S": SHA_KEY_PREFIX + sha256}, "sk": {"S": SHA_SORT_KEY}}
+    for _ in range(3):
+        try:
+            client.update_item(
+                TableName=table,
+                Key=key,
+                UpdateExpression="SET #id = :id, #src = :src",
+                ConditionExpression="attribute_not_exists(#id) OR #src = :src OR #id = :id",
+                ExpressionAttributeNames={"#id": "image_id", "#src": "source_key"},
+                ExpressionAttributeValues={":id": {"S": image_id}, ":src": {"S": source_key}},
+            )
+        except ClientError as err:
+            if _error_code(err) != "ConditionalCheckFailedException":
+                raise
+            owner = client.get_item(TableName=table, Key=key, ConsistentRead=True).get("Item") or {}
+            if "image_id" in owner:
+                return str(owner["image_id"]["S"])
+            continue  # released between the write and the read (see release_picture): claim again
+        return image_id
+    raise RuntimeError(f"the claim of {sha256} changed hands three times in one upload; Lambda retries")
+
+
+def release_picture(client: Any, table: str, sha256: str, image_id: str) -> None:
+    """Give up the claim of ``image_id`` on ``sha256`` (its upload was replaced by other bytes), so that the next
+    copy of those bytes is not called a duplicate of a picture that is gone. Another owner's claim is kept."""
+    try:
+        client.update_item(
+            TableName=table,
+            Key={"pk": {"S": SHA_KEY_PREFIX + sha256}, "sk": {"S": SHA_SORT_KEY}},
+            UpdateExpression="REMOVE #id, #src",
+            ConditionExpression="#id = :id",
+            ExpressionAttributeNames={"#id": "image_id", "#src": "source_key"},
+            ExpressionAttributeValues={":id": {"S": image_id}},
+        )
+    except ClientError as err:
+        if _error_code(err) != "ConditionalCheckFailedException":
+            raise
+
+
+def read_buckets(client: Any, table: str, keys: list[str]) -> list[dict[str, Any]]:
+    """The bucket items of ``keys`` (those that exist), strongly consistent, ``BATCH_KEYS`` keys a request.
+
+    Keys DynamoDB leaves unprocessed (throttling) are asked again; a retry is a further read, and Lambda's own
+    retry takes over when the client's retries run out.
+    """
+    items: list[dict[str, Any]] = []
+    for start in range(0, len(keys), BATCH_KEYS):
+        request: dict[str, Any] = {table: {
+            "Keys": [{"pk": {"S": k}, "sk": {"S": BUCKET_SORT_KEY}} for k in keys[start : start + BATCH_KEYS]],
+            "ConsistentRead": True,
+            "ProjectionExpression": "members",
+        }}
+        while request:
+            resp = client.batch_get_item(RequestItems=request)
+            items.extend(resp.get("Responses", {}).get(table, []))
+            request = resp.get("UnprocessedKeys") or {}
+    return items
+
+
+def find_near_duplicate(client: Any, settings: Settings, image_id: str, phash: str) -> tuple[str, int] | None:
+    """The nearest indexed (VALIDATED) image within ``near_duplicate_bits`` of ``phash``, ties to the smaller id.
+
+    Looks up the ``bands * 33`` buckets of :func:`lesion_imaging.bands.probe_keys` (3 BatchGetItem requests for
+    8 bands), whose members carry their hash, so nothing else is read: a fixed cost whatever the archive size.
+    Every stored hash within :func:`lesion_imaging.bands.guaranteed_radius` (15 bits) is found; further ones
+    when a band is still within a bit (benchmarks/ingestion/RESULTS.md).
     """
     best: tuple[int, str] | None = None
-    pages = client.get_paginator("query").paginate(
-        TableName=table,
-        IndexName=STATUS_INDEX,
-        KeyConditionExpression="#st = :st",
-        ExpressionAttributeNames={"#st": "status"},
-        ExpressionAttributeValues={":st": {"S": VALIDATED}},
-        ProjectionExpression="image_id, sha256, phash",
-    )
-    for page in pages:
-        for item in page.get("Items", []):
-            other = item["image_id"]["S"]
+    for item in read_buckets(client, settings.hash_table, probe_keys(phash, settings.bands)):
+        for member in item.get("members", {}).get("SS", []):
+            other_hash, other = member[: len(phash)], member[len(phash) :]
             if other == image_id:
                 continue
-            if item.get("sha256", {}).get("S") == sha256:
-                return other, 0
-            other_hash = item.get("phash", {}).get("S", "")
-            if len(other_hash) != len(phash):  # a hash of another construction is not comparable
-                continue
             distance = hamming(phash, other_hash)
-            if distance <= max_bits and (best is None or (distance, other) < best):
+            if distance <= settings.near_duplicate_bits and (best is None or (distance, other) < best):
                 best = (distance, other)
     return (best[1], best[0]) if best else None
+
+
+def find_duplicate(
+    client: Any, settings: Settings, image_id: str, sha256: str, phash: str, source_key: str
+) -> tuple[str, int] | None:
+    """The image this one duplicates: the holder of the same clean bytes (distance 0, decided by a conditional
+    write, see :func:`claim_picture`), else the nearest pHash in the band index: at most 1 GetItem and
+    ``ceil(bands * 33 / 100)`` BatchGetItem requests (3 for 8 bands), whatever the archive size."""
+    owner = claim_picture(client, settings.hash_table, sha256, image_id, source_key)
+    if owner != image_id:
+        return owner, 0
+    return find_near_duplicate(client, settings, image_id, phash)
+
+
+def update_band_index(
+    client: Any, settings: Settings, image_id: str, new_phash: str | None, old_phash: str | None
+) -> None:
+    """Put ``image_id`` in the buckets of ``new_phash`` and take it out of those of ``old_phash`` (idempotent).
+
+    Only VALIDATED images are indexed (a near copy points at the original, not at another copy), so ``new_phash``
+    is None for a DUPLICATE, and ``old_phash`` is the hash the item was indexed under before (a replaced upload).
+    """
+    if old_phash and old_phash != new_phash:
+        for bucket in band_keys(old_phash, settings.bands):
+            client.update_item(
+                TableName=settings.hash_table,
+                Key={"pk": {"S": bucket}, "sk": {"S": BUCKET_SORT_KEY}},
+                UpdateExpression="DELETE #m :m",
+                ExpressionAttributeNames={"#m": "members"},
+                ExpressionAttributeValues={":m": {"SS": [old_phash + image_id]}},
+            )
+    if not new_phash:
+        return
+    member = new_phash + image_id
+    for bucket in band_keys(new_phash, settings.bands):
+        try:
+            client.update_item(
+                TableName=settings.hash_table,
+                Key={"pk": {"S": bucket}, "sk": {"S": BUCKET_SORT_KEY}},
+                UpdateExpression="ADD #m :m",
+                # A member already there (a redelivery) is no growth: only a new one is refused by the cap.
+                ConditionExpression="attribute_not_exists(#m) OR size(#m) < :cap OR contains(#m, :one)",
+                ExpressionAttributeNames={"#m": "members"},
+                ExpressionAttributeValues={":m": {"SS": [member]}, ":cap": {"N": str(settings.bucket_cap)},
+                                           ":one": {"S": member}},
+            )
+        except ClientError as err:
+            if _error_code(err) != "ConditionalCheckFailedException":
+                raise
+            logger.warning("hash bucket full: the image is left out of this band",
+                           extra={"bucket": bucket, "image_id": image_id, "cap": settings.bucket_cap})
+            metrics.add_metric(name="HashBucketFull", unit=MetricUnit.Count, value=1)
 
 
 def record_validated(
@@ -446,8 +586,10 @@ def record_validated(
     bool
         False when ``claim`` is set and the item turned out to stand for another upload (nothing written).
     """
+    status = DUPLICATE if duplicate else VALIDATED
     values: dict[str, Any] = {
-        "status": DUPLICATE if duplicate else VALIDATED,
+        "status": status,
+        "status_shard": status_shard(status, image_id, settings.status_shards),
         "key": clean_key_for(clean.sha256),
         "source_key": fetched.key,
         "sha256": clean.sha256,
@@ -503,6 +645,7 @@ def record_quarantined(
     """
     values: dict[str, Any] = {
         "status": QUARANTINED,
+        "status_shard": status_shard(QUARANTINED, image_id, settings.status_shards),
         "reason_code": reason_code,
         "reason": message,
         "source_key": fetched.key,
@@ -611,6 +754,9 @@ def process_image(s3_client: Any, ddb: Any, settings: Settings, upload: Upload) 
         and existing.get("status") in (VALIDATED, DUPLICATE, QUARANTINED)
     ):
         logger.info("same upload already processed", extra={"key": fetched.key, "status": existing["status"]})
+        if existing["status"] == VALIDATED and existing.get("phash"):
+            # The index is written after the item: a run that stopped in between left it out (idempotent puts).
+            update_band_index(ddb, settings, image_id, str(existing["phash"]), None)
         return {"outcome": "unchanged", "key": fetched.key, "image_id": image_id, "status": existing["status"]}
 
     label = label_for(fetched.key)
@@ -630,14 +776,21 @@ def process_image(s3_client: Any, ddb: Any, settings: Settings, upload: Upload) 
     # The file first: a VALIDATED item must always point at an existing object.
     s3_client.put_object(Bucket=settings.bucket, Key=key, Body=clean.jpeg, ContentType="image/jpeg")
     while True:
-        duplicate = find_duplicate(
-            ddb, settings.table, image_id, clean.sha256, clean.phash, settings.near_duplicate_bits
-        )
+        duplicate = find_duplicate(ddb, settings, image_id, clean.sha256, clean.phash, fetched.key)
         if record_validated(ddb, settings, fetched, image_id, clean, label, duplicate, utc_now(),
                             claim=image_id == name):
             break
         # Another picture with this file name was recorded since the read: this one takes its own id.
         image_id = alternate_id_for(name, source_sha256)
+        existing = get_item(ddb, settings.table, image_id)
+    # After the item, so that a bucket never names an image before its item says VALIDATED; a run that stops
+    # before this line is finished by the redelivery (the "already processed" branch above).
+    indexed = existing.get("phash") if existing is not None and existing.get("status") == VALIDATED else None
+    update_band_index(ddb, settings, image_id, None if duplicate else clean.phash,
+                      None if indexed is None else str(indexed))
+    held = existing.get("sha256") if existing is not None and existing.get("status") in (VALIDATED, DUPLICATE) else None
+    if held and held != clean.sha256:
+        release_picture(ddb, settings.hash_table, str(held), image_id)
     outcome: Outcome = {
         "outcome": "duplicate" if duplicate else "validated",
         "key": fetched.key,

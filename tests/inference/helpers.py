@@ -90,7 +90,8 @@ def server_env(model_dir: Path, port: int, cache_dir: Path, extra: Mapping[str, 
         "SERVING_BIND_HOST": "127.0.0.1",
         "SERVING_CACHE_DIR": str(cache_dir),
         "SAGEMAKER_MODEL_SERVER_WORKERS": "2",
-        "PYTHONPATH": str(REPO),
+        # The image's PYTHONPATH (inference_image/Dockerfile).
+        "PYTHONPATH": os.pathsep.join(str(p) for p in (REPO, REPO / "layers" / "common", REPO / "layers" / "imaging")),
         "PYTHONDONTWRITEBYTECODE": "1",
     })
     env.update(extra or {})

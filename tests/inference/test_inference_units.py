@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -330,12 +331,17 @@ def test_workers_import_only_the_image_dependencies() -> None:
     code = ("import sys, inference_image.app, inference_image.gunicorn_conf, onnxruntime, "
             "uvicorn.protocols.http.httptools_impl, uvicorn.loops.uvloop, uvicorn.lifespan.on; "
             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names))))")
+    root = Path(__file__).resolve().parents[2]
+    # The image's PYTHONPATH (inference_image/Dockerfile): the repository and the two layers it copies.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (root, root / "layers" / "common",
+                                                                         root / "layers" / "imaging"))}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[2]).stdout.split()
+                         cwd=root, env=env).stdout.split()
     imported = {m for m in out if not m.startswith("_") and m != "cython_runtime"}
     assert "torch" not in imported
-    assert imported == {"PIL", "click", "gunicorn", "httptools", "inference_image", "lesionml", "numpy",
-                        "onnxruntime", "orjson", "simplejpeg", "uvicorn", "uvicorn_worker", "uvloop"}
+    assert imported == {"PIL", "click", "gunicorn", "httptools", "inference_image", "lesion_common",
+                        "lesion_imaging", "lesionml", "numpy", "onnxruntime", "orjson", "simplejpeg", "uvicorn",
+                        "uvicorn_worker", "uvloop"}
 
 
 def test_image_pins_are_what_the_tests_run() -> None:

@@ -9,6 +9,7 @@ path, must still refuse). The export cache is attacked too: it lives outside the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -272,9 +273,12 @@ def test_a_checked_old_directory_can_be_sealed_deliberately(model_dir: Path, cop
     (copy / "known_answers.json").unlink()
     run = [sys.executable, "-m", "lesionml.model_dir"]
     repo = Path(__file__).resolve().parents[2]
-    refused = subprocess.run([*run, "verify", str(copy)], cwd=repo, capture_output=True, text=True, timeout=60)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(repo), str(repo / "layers" / "common")))}  # the image's
+    refused = subprocess.run([*run, "verify", str(copy)], cwd=repo, capture_output=True, text=True, timeout=60,
+                             env=env)
     assert refused.returncode == 1 and "has no manifest.json" in refused.stderr
-    sealed = subprocess.run([*run, "seal", str(copy)], cwd=repo, capture_output=True, text=True, timeout=120)
+    sealed = subprocess.run([*run, "seal", str(copy)], cwd=repo, capture_output=True, text=True, timeout=120,
+                            env=env)
     assert sealed.returncode == 0, sealed.stderr[-2000:]
     assert sealed.stdout.strip() == manifest_digest(model_dir) == manifest_digest(copy)
     assert load_artifacts(copy).manifest_sha256 == manifest_digest(model_dir)

@@ -48,9 +48,9 @@ def test_a_call_outside_the_functions_policy_is_denied_as_aws_denies_it(cloud: L
         assert error["Code"] == "AccessDeniedException"
         assert "dynamodb:Scan on resource: arn:aws:dynamodb:" in error["Message"]
         # what the role allows goes through
-        ddb.query(TableName=cloud.ref("ManifestTable"), IndexName="by-status",
-                  KeyConditionExpression="#s = :v", ExpressionAttributeNames={"#s": "status"},
-                  ExpressionAttributeValues={":v": {"S": "validated"}})
+        ddb.query(TableName=cloud.ref("ManifestTable"), IndexName="by-status-shard",
+                  KeyConditionExpression="#s = :v", ExpressionAttributeNames={"#s": "status_shard"},
+                  ExpressionAttributeValues={":v": {"S": "VALIDATED#0"}})
     # outside any principal: scaffolding again
     assert s3.get_object(Bucket=bucket, Key="validated/a.jpg")["Body"].read() == b"x"
 

@@ -84,7 +84,13 @@ def _statements(logical_id: str) -> list[dict[str, Any]]:
     return [s for p in policies if isinstance(p, dict) for s in p.get("Statement", [])]
 
 
-@pytest.mark.parametrize("logical_id", ["UpdateEndpointFunction", "CreateModelConfigFunction"])
+def test_creating_the_config_needs_no_key_permission() -> None:
+    """The key policy must allow "the IAM role that you specify in your CreateEndpoint, UpdateEndpoint requests"
+    (CreateEndpointConfig's KmsKeyId documentation): CreateEndpointConfig only names the key."""
+    assert not [s for s in _statements("CreateModelConfigFunction") if any(a.startswith("kms:") for a in s["Action"])]
+
+
+@pytest.mark.parametrize("logical_id", ["UpdateEndpointFunction"])
 def test_the_role_that_uses_a_keyed_config_may_grant_the_key_to_sagemaker_only(logical_id: str) -> None:
     statements = _statements(logical_id)
     grants = [s for s in statements if "kms:CreateGrant" in s["Action"]]

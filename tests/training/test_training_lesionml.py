@@ -49,7 +49,8 @@ def test_torch_free_modules_do_not_import_torch() -> None:
         "lesionml.reference_stats, training_image.config; "
         "bad = [m for m in ('torch', 'torchvision') if m in sys.modules]; assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env={"PYTHONPATH": str(ROOT)})
+    pythonpath = f"{ROOT}:{ROOT / 'layers' / 'common'}"  # the training image's PYTHONPATH
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env={"PYTHONPATH": pythonpath})
 
 
 def _jpeg(img: Image.Image, orientation: int | None = None) -> bytes:

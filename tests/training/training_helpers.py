@@ -61,7 +61,8 @@ def run_train(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``training_image/train.py train`` as SageMaker would, against the fake job directory ``base``."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SM_", "LESIONML_"))}
-    full_env.update({"SM_BASE_DIR": str(base), "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"})
+    full_env.update({"SM_BASE_DIR": str(base), "PYTHONDONTWRITEBYTECODE": "1",
+                     "PYTHONPATH": os.pathsep.join((str(ROOT), str(ROOT / "layers" / "common")))})  # the image's
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, str(TRAIN_PY), "train", *(args or [])],

@@ -35,6 +35,7 @@ CHECK_ENV = {
     "LABEL_SET": "ham7",
     "MIN_NEW_IMAGES": "1",
     "MIN_IMAGES_PER_CLASS": "1",
+    "STATUS_SHARDS": "1",  # items here are written as <status>#0 (sharding itself: test_issue16_sharding.py)
 }
 VALIDATE_ENV = {
     "DATA_BUCKET": "data",
@@ -45,6 +46,8 @@ VALIDATE_ENV = {
     "MAX_IMAGE_PIXELS": "40000000",
     "MAX_ASPECT_RATIO": "4.0",
     "MAX_UPLOAD_BYTES": str(100 * 1024 * 1024),
+    "HASH_INDEX_TABLE": "hashes",
+    "STATUS_SHARDS": "1",
 }
 
 
@@ -57,11 +60,16 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         boto3.client("dynamodb").create_table(
             TableName="manifest", BillingMode="PAY_PER_REQUEST",
             AttributeDefinitions=[{"AttributeName": n, "AttributeType": "S"}
-                                  for n in ("image_id", "status", "validated_at")],
+                                  for n in ("image_id", "status_shard", "validated_at")],
             KeySchema=[{"AttributeName": "image_id", "KeyType": "HASH"}],
-            GlobalSecondaryIndexes=[{"IndexName": "by-status", "Projection": {"ProjectionType": "ALL"},
-                                     "KeySchema": [{"AttributeName": "status", "KeyType": "HASH"},
+            GlobalSecondaryIndexes=[{"IndexName": "by-status-shard", "Projection": {"ProjectionType": "ALL"},
+                                     "KeySchema": [{"AttributeName": "status_shard", "KeyType": "HASH"},
                                                    {"AttributeName": "validated_at", "KeyType": "RANGE"}]}],
+        )
+        boto3.client("dynamodb").create_table(
+            TableName="hashes", BillingMode="PAY_PER_REQUEST",
+            AttributeDefinitions=[{"AttributeName": n, "AttributeType": "S"} for n in ("pk", "sk")],
+            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
         )
         for bucket in ("data", "artifacts"):
             boto3.client("s3").create_bucket(Bucket=bucket)
@@ -82,6 +90,7 @@ def _lesions_in(split: str, n: int, prefix: str) -> list[str]:
 
 def _item(image_id: str, lesion: str, label: str, sha256: str, status: str = "VALIDATED") -> dict[str, Any]:
     return {"image_id": image_id, "lesion_id": lesion, "label": label, "status": status, "sha256": sha256,
+            "status_shard": f"{status}#0",
             "split": assign_split(lesion), "key": f"validated/{sha256}.jpg",
             "validated_at": "2026-11-29T06:00:00+00:00"}
 

@@ -27,6 +27,7 @@ CHECK_ENV = {
     "LABEL_SET": "ham7",
     "MIN_NEW_IMAGES": "50",
     "MIN_IMAGES_PER_CLASS": "10",
+    "STATUS_SHARDS": "1",  # items here are written as <status>#0 (sharding itself: test_issue16_sharding.py)
 }
 
 
@@ -37,11 +38,11 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         ddb = boto3.client("dynamodb")
         ddb.create_table(
             TableName="manifest", BillingMode="PAY_PER_REQUEST",
-            AttributeDefinitions=[{"AttributeName": n, "AttributeType": "S"} for n in ("image_id", "status",
+            AttributeDefinitions=[{"AttributeName": n, "AttributeType": "S"} for n in ("image_id", "status_shard",
                                                                                       "validated_at")],
             KeySchema=[{"AttributeName": "image_id", "KeyType": "HASH"}],
-            GlobalSecondaryIndexes=[{"IndexName": "by-status", "Projection": {"ProjectionType": "ALL"},
-                                     "KeySchema": [{"AttributeName": "status", "KeyType": "HASH"},
+            GlobalSecondaryIndexes=[{"IndexName": "by-status-shard", "Projection": {"ProjectionType": "ALL"},
+                                     "KeySchema": [{"AttributeName": "status_shard", "KeyType": "HASH"},
                                                    {"AttributeName": "validated_at", "KeyType": "RANGE"}]}],
         )
         ddb.create_table(
@@ -63,6 +64,7 @@ def _fill_manifest(per_class: int, status: str = "VALIDATED", classes: list[str]
                 lesion = f"HAM_{c}_{i // 2}"  # two images per lesion
                 image = f"ISIC_{c}{tag}_{i:04d}"
                 batch.put_item(Item={"image_id": image, "label": c, "lesion_id": lesion, "status": status,
+                                     "status_shard": f"{status}#0",
                                      "split": assign_split(lesion), "key": f"validated/{image}.jpg",
                                      "validated_at": "2026-11-29T06:00:00+00:00"})
 

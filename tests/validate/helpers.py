@@ -26,10 +26,14 @@ SAMPLE_IMAGES = SAMPLE / "images"
 
 BUCKET = "skin-lesion-data-123456789012"
 TABLE = "skin-lesion-manifest-test"
+HASH_TABLE = "skin-lesion-hashes-test"
+STATUS_SHARDS = 4
 REGION = "us-east-1"
 ENV = {
     "DATA_BUCKET": BUCKET,
     "MANIFEST_TABLE": TABLE,
+    "HASH_INDEX_TABLE": HASH_TABLE,
+    "STATUS_SHARDS": str(STATUS_SHARDS),
     "LABEL_SET": "ham7",
     "MIN_IMAGE_SIDE": "64",
     "MAX_IMAGE_SIDE": "10000",
@@ -47,27 +51,34 @@ ENV = {
 
 
 def create_resources(s3: Any, ddb: Any) -> None:
-    """The data bucket and the manifest table (key image_id, GSI by-status on status+validated_at, ALL)."""
+    """The data bucket, the manifest table (key image_id, GSI by-status-shard on status_shard+validated_at, ALL)
+    and the hash index table (pk, sk), as template.yaml declares them."""
     s3.create_bucket(Bucket=BUCKET)
     ddb.create_table(
         TableName=TABLE,
         BillingMode="PAY_PER_REQUEST",
         AttributeDefinitions=[
             {"AttributeName": "image_id", "AttributeType": "S"},
-            {"AttributeName": "status", "AttributeType": "S"},
+            {"AttributeName": "status_shard", "AttributeType": "S"},
             {"AttributeName": "validated_at", "AttributeType": "S"},
         ],
         KeySchema=[{"AttributeName": "image_id", "KeyType": "HASH"}],
         GlobalSecondaryIndexes=[
             {
-                "IndexName": "by-status",
+                "IndexName": "by-status-shard",
                 "KeySchema": [
-                    {"AttributeName": "status", "KeyType": "HASH"},
+                    {"AttributeName": "status_shard", "KeyType": "HASH"},
                     {"AttributeName": "validated_at", "KeyType": "RANGE"},
                 ],
                 "Projection": {"ProjectionType": "ALL"},
             }
         ],
+    )
+    ddb.create_table(
+        TableName=HASH_TABLE,
+        BillingMode="PAY_PER_REQUEST",
+        AttributeDefinitions=[{"AttributeName": n, "AttributeType": "S"} for n in ("pk", "sk")],
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
     )
 
 

@@ -1,7 +1,8 @@
-"""Label sets and the metadata CSVs that carry labels (see docs/contracts.md, "Label sets").
+"""Label sets, ``classes.json`` and the metadata CSVs that carry labels (see docs/contracts.md, "Label sets").
 
-Class codes are lower case and ordered as the model's output index. Mirrored by ``lesionml/labels.py``; a test
-keeps the two equal.
+The one definition of the label sets, for the Lambdas (the common layer), training and serving (the images copy
+this package; ``lesionml.labels`` re-exports it). Standard library only. Class codes are lower case and ordered as
+the model's output index.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ HAM7: Final[tuple[str, ...]] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"
 ISIC8: Final[tuple[str, ...]] = ("mel", "nv", "bcc", "ak", "bkl", "df", "vasc", "scc")
 LABEL_SETS: Final[dict[str, tuple[str, ...]]] = {"ham7": HAM7, "isic8": ISIC8}
 MELANOMA: Final = "mel"
+DEFAULT_LABEL_SET: Final = "ham7"
 # Every code of every set: a folder with one of these names in an upload key is read as a label.
 ALL_CODES: Final[frozenset[str]] = frozenset(HAM7) | frozenset(ISIC8)
 # ISIC 2019 ground-truth columns, in file order; UNK marks "none of the eight" and is not a class.
@@ -60,6 +62,50 @@ def classes_for(label_set: str) -> list[str]:
         return list(LABEL_SETS[label_set])
     except KeyError:
         raise UnknownLabelSetError(f"unknown label set {label_set!r}; expected one of {sorted(LABEL_SETS)}") from None
+
+
+def class_index(label_set: str) -> dict[str, int]:
+    """Map each class code of ``label_set`` to its output index."""
+    return {code: i for i, code in enumerate(classes_for(label_set))}
+
+
+def melanoma_index(label_set: str) -> int:
+    """Output index of the melanoma class in ``label_set``."""
+    return classes_for(label_set).index(MELANOMA)
+
+
+def normalise_label(label: str) -> str:
+    """Normalise a raw label (``"MEL"``, ``" mel "``) to a lower-case class code."""
+    return label.strip().lower()
+
+
+def is_valid_label(label: str, label_set: str) -> bool:
+    """Whether ``label`` (after normalisation) is a class of ``label_set``."""
+    return normalise_label(label) in classes_for(label_set)
+
+
+def classes_document(label_set: str) -> dict[str, object]:
+    """The ``classes.json`` document: ``{"label_set": ..., "classes": [...]}``."""
+    return {"label_set": label_set, "classes": classes_for(label_set)}
+
+
+def parse_classes_document(doc: object) -> tuple[str, tuple[str, ...]]:
+    """Validate a ``classes.json`` document and return ``(label_set, classes)``.
+
+    Raises
+    ------
+    ValueError
+        If the document is malformed, names an unknown label set (:class:`UnknownLabelSetError`) or lists the
+        classes in another order than the label set's.
+    """
+    if not isinstance(doc, dict) or "label_set" not in doc or "classes" not in doc:
+        raise ValueError('classes.json must be an object with "label_set" and "classes"')
+    label_set = str(doc["label_set"])
+    expected = tuple(classes_for(label_set))
+    classes = doc["classes"]
+    if not isinstance(classes, list) or tuple(str(c) for c in classes) != expected:
+        raise ValueError(f"classes.json lists {classes!r}, but label_set {label_set!r} is {list(expected)!r}")
+    return label_set, expected
 
 
 def is_valid_image_id(image_id: str) -> bool:

@@ -14,46 +14,22 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import struct
 import warnings
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
 import simplejpeg
-from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from lesion_imaging.pixels import DECODE_ERRORS, grey_filled_scan, upright_rgb
 
 JPEG_MAGIC: Final = b"\xff\xd8\xff"
 PNG_MAGIC: Final = b"\x89PNG\r\n\x1a\n"
 # Pillow names a JPEG with an MPF extension (phones, some cameras) "MPO"; its first frame is the picture.
 _PIL_FORMATS: Final = {"JPEG": ("JPEG", "MPO"), "PNG": ("PNG",)}
-_EXIF_ORIENTATION: Final = 0x0112
-# Where Pillow's getexif() finds an orientation: EXIF (JPEG APP1, PNG eXIf), ImageMagick's PNG text, or XMP.
-_ORIENTATION_SOURCES: Final = frozenset({"exif", "Raw profile type exif", "xmp", "XML:com.adobe.xmp"})
-_TRANSPOSE: Final = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-# What Pillow raises on malformed input varies by plugin and by where the damage is; all of it means "unreadable".
-_DECODE_ERRORS: Final = (
-    OSError,
-    ValueError,
-    SyntaxError,
-    EOFError,
-    struct.error,
-    zlib.error,
-    IndexError,
-    KeyError,
-    TypeError,
-    ZeroDivisionError,
-    OverflowError,
-)
+# The decode errors that mean "unreadable" (lesion_imaging.pixels, shared with serving; MemoryError included).
+_DECODE_ERRORS: Final = DECODE_ERRORS
 JPEG_QUALITY: Final = 95
 PHASH_THUMB: Final = 64  # DCT input side
 THUMB_SHORT: Final = 96  # short side of the grey working copy the hash and the content checks use
@@ -269,94 +245,6 @@ def _decode(im: Image.Image) -> None:
         if "truncated" in str(err) or isinstance(err, EOFError):
             raise TruncatedImageError(f"pixel data ends early: {err}") from err
         raise CorruptImageError(f"pixel data cannot be decoded: {type(err).__name__}: {err}") from err
-
-
-def _check_scan_complete(im: Image.Image) -> None:
-    """Refuse a JPEG whose last block row is the decoder's grey fill.
-
-    When entropy-coded data is damaged, libjpeg resynchronises at the end marker and paints the remaining blocks
-    (Y=Cb=Cr=128, i.e. RGB 128,128,128) without raising; Pillow hides its "premature end of data segment" warning.
-    Exact 128 across the full width of the bottom 8 rows does not occur in photographs (none of HAM10000's).
-    """
-    if im.mode not in ("RGB", "L") or im.height < 8:
-        return
-    band = im.crop((0, im.height - 8, im.width, im.height)).getextrema()
-    extrema = [band] if im.mode == "L" else band
-    if all(lo == hi == 128 for lo, hi in extrema):  # type: ignore[misc]
-        raise CorruptImageError("JPEG scan data is damaged: the decoder filled the bottom of the image with grey")
-
-
-def _bottom_is_grey(im: Image.Image) -> bool:
-    """Cheap screen for the decoder's grey fill: three pixels of the bottom row (the fill spans whole rows)."""
-    if im.mode not in ("RGB", "L") or im.height < 8:
-        return False
-    grey = (128, 128, 128) if im.mode == "RGB" else 128
-    y = im.height - 1
-    return all(im.getpixel((x, y)) == grey for x in (0, im.width // 2, im.width - 1))
-
-
-def _orientation(im: Image.Image) -> int:
-    """The EXIF orientation, 1 when absent or unreadable (a broken EXIF block is dropped anyway)."""
-    if not _ORIENTATION_SOURCES & im.info.keys():  # most uploads: skip building an Exif object
-        return 1
-    try:
-        value = im.getexif().get(_EXIF_ORIENTATION, 1)
-    except _DECODE_ERRORS:
-        return 1
-    return value if isinstance(value, int) and value in _TRANSPOSE else 1
-
-
-def _sixteen_bit_to_l(im: Image.Image) -> Image.Image:
-    """Scale 16-bit grey (0..65535) to 8-bit; Pillow's own convert("L") clips at 255 instead of scaling."""
-    arr = np.asarray(im)  # uint16 for I;16*, int32 for I
-    if arr.dtype != np.uint16:
-        arr = np.clip(arr, 0, 65535)
-    wide = arr.astype(np.uint32)
-    # In place: a 40 MP image is 160 MB as uint32; temporaries would double it.
-    wide *= 255
-    wide += 32767
-    wide //= 65535
-    return Image.fromarray(wide.astype(np.uint8))
-
-
-def _to_rgb(im: Image.Image, conversions: list[str]) -> Image.Image:
-    """Any JPEG/PNG mode to 8-bit RGB: alpha is dropped (not composited), so lesion pixels keep their values."""
-    mode = im.mode
-    if mode == "RGB":
-        return im
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        out = _sixteen_bit_to_l(im).convert("RGB")
-    elif mode in ("RGBA", "RGBa", "RGBX"):
-        out = im.convert("RGB")
-    elif mode in ("LA", "La", "PA"):
-        out = im.convert("RGBA" if mode == "PA" else "LA").convert("RGB")
-    elif mode == "P" and "transparency" in im.info:
-        # Straight to RGB would warn and still drop the transparency; say so by going through RGBA.
-        out = im.convert("RGBA").convert("RGB")
-    else:  # L, 1, P, CMYK (Pillow inverts Adobe CMYK JPEGs on load), YCbCr, F
-        out = im.convert("RGB")
-    conversions.append(f"{mode}->RGB")
-    return out
-
-
-def _apply_icc(im: Image.Image, conversions: list[str]) -> Image.Image:
-    """Convert to sRGB when the upload embeds a colour profile, because the profile is about to be stripped.
-
-    A profile that littlecms cannot use is ignored: the pixels are then taken as sRGB, like most viewers do.
-    """
-    icc = im.info.get("icc_profile")
-    if not icc or im.mode not in ("RGB", "CMYK", "L"):
-        return im
-    try:
-        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        out = ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
-    except (ImageCms.PyCMSError, *_DECODE_ERRORS):
-        conversions.append("icc_ignored")
-        return im
-    if out is None:  # only with inPlace=True
-        return im
-    conversions.append("icc->sRGB")
-    return out
 
 
 _LEVELS: Final = np.arange(256, dtype=np.int64)
@@ -759,20 +647,12 @@ def _validate(data: bytes, fmt: str, limits: ValidationLimits) -> CleanImage:
     _check_size(decoded.width, decoded.height, limits)
     source_format, source_mode = str(decoded.format), decoded.mode
     _decode(decoded)
-    if fmt == "JPEG" and _bottom_is_grey(decoded):
-        _check_scan_complete(decoded)
+    if fmt == "JPEG" and grey_filled_scan(decoded):
+        raise CorruptImageError("JPEG scan data is damaged: the decoder filled the bottom of the image with grey")
 
     conversions: list[str] = []
     try:
-        im = decoded
-        orientation = _orientation(im)
-        if orientation != 1:
-            im = im.transpose(_TRANSPOSE[orientation])
-            conversions.append(f"exif_orientation_{orientation}")
-        if im.mode not in ("RGB", "CMYK", "L"):  # modes a profile cannot be applied to: to RGB first
-            im = _to_rgb(im, conversions)
-        im = _apply_icc(im, conversions)
-        rgb = _to_rgb(im, conversions)
+        rgb = upright_rgb(decoded, conversions)
     except _DECODE_ERRORS as err:  # Pillow converts lazily-decoded palettes/modes here; still the upload's fault
         raise CorruptImageError(f"cannot convert {source_mode} to RGB: {type(err).__name__}: {err}") from err
 

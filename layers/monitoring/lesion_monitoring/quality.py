@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from lesion_common.labels import MELANOMA
 from lesion_monitoring.records import Prediction, parse_time
 
 ID_COLUMNS = ("inference_id", "inferenceid", "image_id", "event_id", "eventid")
 LABEL_COLUMNS = ("diagnosis", "label", "dx")
 TIME_COLUMNS = ("inference_time", "inferencetime")
-MELANOMA = "mel"
 
 
 class GroundTruthFormatError(ValueError):

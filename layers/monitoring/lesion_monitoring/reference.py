@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lesion_common.registry import approved_packages, model_data_url
 from lesion_monitoring.records import split_s3_uri
 
 MEMBER = "reference_stats.json"
@@ -79,17 +80,11 @@ def approved_package(sm: Any, group: str, version: str | None) -> tuple[str, str
     """
     newest: dict[str, Any] | None = None
     chosen: dict[str, Any] | None = None
-    paginator = sm.get_paginator("list_model_packages")
     try:
-        pages = paginator.paginate(ModelPackageGroupName=group, ModelApprovalStatus="Approved",
-                                   SortBy="CreationTime", SortOrder="Descending")
-        for page in pages:
-            for summary in page.get("ModelPackageSummaryList", []):
-                newest = newest or summary
-                if version is not None and str(summary.get("ModelPackageVersion")) == version:
-                    chosen = summary
-                    break
-            if chosen is not None:
+        for summary in approved_packages(sm, group):
+            newest = newest or summary
+            if version is not None and str(summary.get("ModelPackageVersion")) == version:
+                chosen = summary
                 break
     except sm.exceptions.ClientError as err:
         raise ReferenceNotFoundError(f"model package group {group}: {err}") from None
@@ -98,7 +93,7 @@ def approved_package(sm: Any, group: str, version: str | None) -> tuple[str, str
         raise ReferenceNotFoundError(f"model package group {group} has no approved model package")
     arn = package["ModelPackageArn"]
     described = sm.describe_model_package(ModelPackageName=arn)
-    url = described["InferenceSpecification"]["Containers"][0]["ModelDataUrl"]
+    url = model_data_url(described)
     return url, str(described.get("ModelPackageVersion", package.get("ModelPackageVersion", ""))), arn
 
 
