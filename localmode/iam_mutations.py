@@ -65,6 +65,26 @@ REASONS: dict[tuple[str, str], str] = {
     ("RegisterModelFunctionRole", "dynamodb:*"):
         "Powertools idempotency reads the record (GetItem) when a request repeats while in progress and deletes it "
         "(DeleteItem) when the handler fails; the local runs register each model once.",
+    ("*FunctionRole", "sqs:SendMessage"):
+        "Lambda's on-failure destination (SAM's EventInvokeConfig policy): used only when an asynchronous "
+        "invocation fails after its retries; the local loop drives that path for ValidateImage "
+        "(tests/fidelity/test_deploy_rules.py), the same statement as for the other asynchronous functions.",
+    ("ValidateImageFunctionRole", "s3:ListBucket"):
+        "Makes S3 answer 404 instead of 403 for an upload deleted before validation ran (the handler skips it); "
+        "the local runs validate uploads that exist.",
+    ("EvaluateQualityFunctionRole", "s3:ListBucket"):
+        "Makes S3 answer 404 instead of 403 for a ground-truth file deleted before the run; the local runs read "
+        "files that exist.",
+    ("EvaluateModelFunctionRole", "s3:ListBucket"):
+        "Makes S3 answer 404 for a job without output.tar.gz, so the failure says 'missing' not 'denied' "
+        "(tests/unit/test_training_handlers.py::test_evaluate_tells_a_missing_output_from_a_denied_read).",
+    ("ValidateImageFunctionRole", "s3:GetObject"):
+        "An upload event without a version id (a bucket whose versioning was suspended) is read pinned to its ETag "
+        "with GetObject; the stack's bucket is versioned, so the local events carry version ids.",
+    ("RegisterModelFunctionRole", "s3:GetObject"):
+        "Kept on purpose, unverified: whether CreateModelPackage reads ModelDataUrl and the ModelQuality statistics "
+        "with the caller's rights is not documented; removing it could fail the first registration on AWS. To be "
+        "checked on a real account.",
     ("SageMakerExecutionRole", "ecr:*"):
         "SageMaker pulls the training and inference images from ECR with the execution role; local mode runs the "
         "images' code from the repository.",

@@ -12,7 +12,7 @@ import boto3
 import pytest
 
 from localmode import LocalCloud
-from localmode.cloud import REGION
+from localmode.cloud import ACCOUNT, REGION
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -27,6 +27,11 @@ def _states(execution_arn: str) -> list[str]:
 def test_a_second_execution_for_the_same_version_ends_quietly(tmp_path: Path) -> None:
     event: dict[str, Any] = json.loads((REPO / "events" / "deployment" / "model_package_approved.json").read_text())
     with LocalCloud(work_dir=tmp_path / "local") as cloud:
+        # The sample names a package of another account's stack; point it at this stack's group (still absent), so
+        # the traced calls are the ones this stack's roles make.
+        group = cloud.output("ModelPackageGroupName")
+        event["detail"]["ModelPackageGroupName"] = group
+        event["detail"]["ModelPackageArn"] = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:model-package/{group}/3"
         sfn = boto3.client("stepfunctions", region_name=REGION)
         machine = cloud.output("DeploymentStateMachineArn")
         # Both start before either ends, as duplicate events do.
