@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import tarfile
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import pytest
 
 from localmode import LocalCloud
 from localmode.cloud import REGION
+from tests.localmode_server.helpers import small_dataset as sample_subset
 from tools.upload_dataset import upload_dataset
 
 pytestmark = pytest.mark.e2e
@@ -39,25 +39,7 @@ BASE = {
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 20 images per class from the bundled sample, every split represented, with their metadata rows."""
-    import csv
-
-    from lesion_common.splits import assign_split
-
-    dest = tmp_path_factory.mktemp("data")
-    (dest / "images").mkdir()
-    rows = list(csv.DictReader((SAMPLE / "HAM10000_metadata.csv").open()))
-    chosen: list[dict[str, str]] = []
-    quota = {"train": 12, "validation": 4, "test": 4}
-    for dx in sorted({r["dx"] for r in rows}):
-        for split, n in quota.items():
-            chosen += [r for r in rows if r["dx"] == dx and assign_split(r["lesion_id"]) == split][:n]
-    with (dest / "HAM10000_metadata.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(chosen)
-    for r in chosen:
-        shutil.copy(SAMPLE / "images" / f"{r['image_id']}.jpg", dest / "images")
-    return dest
+    return sample_subset(tmp_path_factory.mktemp("data"))
 
 
 def _cloud(tmp_path: Path, **overrides: str) -> LocalCloud:

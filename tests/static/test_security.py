@@ -10,16 +10,13 @@ judged like hand-written ones. The allow-lists are mirrored, with the same reaso
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from samtranslator.parser.parser import Parser
-from samtranslator.translator.translator import Translator
 
+from localmode.iam_policy import sam_transform
 from localmode.template import load_template
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,31 +84,9 @@ SSE_S3_BUCKETS: dict[str, str] = {
 
 
 # ------------------------------------------------------------------ SAM transform
-@contextmanager
-def _region(name: str) -> Iterator[None]:
-    old = os.environ.get("AWS_DEFAULT_REGION")
-    os.environ["AWS_DEFAULT_REGION"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["AWS_DEFAULT_REGION"]
-        else:
-            os.environ["AWS_DEFAULT_REGION"] = old
-
-
 def expand_sam(template: dict[str, Any]) -> dict[str, Any]:
-    """The CloudFormation template the SAM transform makes of ``template`` (local paths stand in as S3 URIs)."""
-    sam = copy.deepcopy(template)
-    for res in sam.get("Resources", {}).values():
-        props = res.get("Properties") or {}
-        for key in ("CodeUri", "ContentUri", "DefinitionUri"):
-            if isinstance(props.get(key), str):
-                props[key] = "s3://bucket/key"
-    params = {name: "x" for name, spec in sam.get("Parameters", {}).items() if "Default" not in spec}
-    with _region("us-east-1"):
-        return Translator(managed_policy_map={}, sam_parser=Parser()).translate(
-            sam_template=sam, parameter_values=params, passthrough_metadata=True)
+    """The CloudFormation template the SAM transform makes of ``template`` (local mode's own transform)."""
+    return sam_transform(template, "us-east-1")
 
 
 # ------------------------------------------------------------------ the checker
