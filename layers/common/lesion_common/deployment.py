@@ -82,6 +82,10 @@ def error_message(err: ClientError) -> str:
 
 
 def _validation(err: ClientError, prefix: str) -> bool:
+    # SageMaker gives these cases no error code of their own: every one is a ValidationException (botocore's model
+    # lists no error shapes for DescribeEndpoint/DescribeEndpointConfig/UpdateEndpoint), so the code is checked and
+    # then the start of the message as AWS sends it (quoted in docs/local-mode.md with its source); local mode
+    # answers with the same text, not moto's.
     return error_code(err) == "ValidationException" and error_message(err).startswith(prefix)
 
 
@@ -95,7 +99,11 @@ def is_missing_endpoint(err: ClientError) -> bool:
 
 
 def is_missing_endpoint_config(err: ClientError) -> bool:
-    """SageMaker's answer for an endpoint configuration it does not find (or does not see yet)."""
+    """SageMaker's answer for an endpoint configuration it does not find (or does not see yet).
+
+    ``ValidationException`` with ``Could not find endpoint configuration "<ARN>".`` (the CreateEndpoint API reference
+    documents this answer right after CreateEndpointConfig, an eventual-consistency window).
+    """
     return _validation(err, "Could not find endpoint configuration")
 
 
