@@ -30,7 +30,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.robustness.ping_under_load import default_model_dir  # noqa: E402
 from lesionml.model_dir import manifest_digest  # noqa: E402
-from tests.inference.helpers import flip_weight_bytes, server_env  # noqa: E402
+from tests.inference.helpers import another_model, flip_weight_bytes, reorder_classes, server_env  # noqa: E402
 from tests.inference.model_factory import reseal  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,34 +42,6 @@ def _edit_json(name: str, change: Callable[[dict], None]) -> Callable[[Path], No
         change(doc)
         (d / name).write_text(json.dumps(doc))
     return edit
-
-
-def _reorder_classes(d: Path) -> None:
-    def swap(seq: list[str]) -> list[str]:
-        i, j = seq.index("mel"), seq.index("nv")
-        seq[i], seq[j] = seq[j], seq[i]
-        return seq
-
-    for name in ("classes.json", "metrics.json", "reference_stats.json", "known_answers.json"):
-        doc = json.loads((d / name).read_text())
-        if "classes" in doc:
-            doc["classes"] = swap(list(doc["classes"]))
-        for answer in doc.get("answers", []):
-            p = answer["probabilities"]
-            p["mel"], p["nv"] = p["nv"], p["mel"]
-        (d / name).write_text(json.dumps(doc))
-
-
-def _another_model(d: Path) -> None:
-    import torch
-
-    from lesionml.models import build_model, export_torchscript
-    from lesionml.preprocessing import read_spec
-
-    spec = read_spec(d / "preprocessing.json")
-    torch.manual_seed(1234)
-    model, _ = build_model(spec.arch, 7, pretrained=False, image_size=(spec.height, spec.width))
-    export_torchscript(model.eval(), torch.zeros(1, 3, spec.height, spec.width), str(d / "model.ts"))
 
 
 def _poison_cache(genuine: Path, cache: Path) -> Callable[[Path], None]:
@@ -104,9 +76,9 @@ def main() -> None:
         ("genuine directory (cold cache)", None, False, {}, "ok"),
         ("weights flipped in model.ts", flip, False, {}, "model.ts does not match manifest.json"),
         ("weights flipped, manifest regenerated", flip, True, {}, "known-answer check failed"),
-        ("another valid model.ts, manifest regenerated", _another_model, True, {}, "known-answer check failed"),
-        ("classes reordered in every JSON file", _reorder_classes, False, {}, "classes.json does not match"),
-        ("classes reordered, manifest regenerated", _reorder_classes, True, {}, "but label_set 'ham7' is"),
+        ("another valid model.ts, manifest regenerated", another_model, True, {}, "known-answer check failed"),
+        ("classes reordered in every JSON file", reorder_classes, False, {}, "classes.json does not match"),
+        ("classes reordered, manifest regenerated", reorder_classes, True, {}, "but label_set 'ham7' is"),
         ("preprocessing.json changed, warm cache", size, False, {}, "preprocessing.json does not match"),
         ("preprocessing.json changed, manifest regenerated", size, True, {}, "known-answer check failed"),
         ("genuine directory again (warm cache)", None, False, {}, "ok"),

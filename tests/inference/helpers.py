@@ -218,3 +218,34 @@ def largest_admitted_png(side: int = 6300) -> bytes:
     noise = np.random.default_rng(0).integers(0, 256, (side // 16 + 1, side // 16 + 1)).astype(np.uint16)
     arr += np.kron(noise, np.ones((16, 16), np.uint16))[:side, :side]
     return encode(Image.fromarray(arr), "PNG", compress_level=6)
+
+
+def reorder_classes(d: Path) -> None:
+    """Swap mel and nv in every file that names classes, consistently: the answers would swap with them."""
+    def swap(classes: list[str]) -> list[str]:
+        i, j = classes.index("mel"), classes.index("nv")
+        classes[i], classes[j] = classes[j], classes[i]
+        return classes
+
+    for name in ("classes.json", "metrics.json", "reference_stats.json", "known_answers.json"):
+        doc = json.loads((d / name).read_text())
+        if "classes" in doc:
+            doc["classes"] = swap(list(doc["classes"]))
+        if name == "known_answers.json":
+            for answer in doc["answers"]:
+                p = answer["probabilities"]
+                p["mel"], p["nv"] = p["nv"], p["mel"]
+        (d / name).write_text(json.dumps(doc))
+
+
+def another_model(d: Path) -> None:
+    """Replace model.ts by another valid model of the same architecture and shape (another seed's head)."""
+    import torch
+
+    from lesionml.models import build_model, export_torchscript
+    from lesionml.preprocessing import read_spec
+
+    spec = read_spec(d / "preprocessing.json")
+    torch.manual_seed(1234)
+    model, _ = build_model(spec.arch, 7, pretrained=False, image_size=(spec.height, spec.width))
+    export_torchscript(model.eval(), torch.zeros(1, 3, spec.height, spec.width), str(d / "model.ts"))

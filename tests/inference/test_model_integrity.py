@@ -30,7 +30,7 @@ from lesionml.model_dir import (
     write_manifest,
 )
 
-from .helpers import flip_weight_bytes
+from .helpers import another_model, flip_weight_bytes, reorder_classes
 from .model_factory import reseal
 
 
@@ -39,37 +39,6 @@ def copy(model_dir: Path, tmp_path: Path) -> Path:
     dest = tmp_path / "model"
     shutil.copytree(model_dir, dest)
     return dest
-
-
-def _reorder_classes(d: Path) -> None:
-    """Swap mel and nv in every file that names classes, consistently: the answers would swap with them."""
-    def swap(classes: list[str]) -> list[str]:
-        i, j = classes.index("mel"), classes.index("nv")
-        classes[i], classes[j] = classes[j], classes[i]
-        return classes
-
-    for name in ("classes.json", "metrics.json", "reference_stats.json", "known_answers.json"):
-        doc = json.loads((d / name).read_text())
-        if "classes" in doc:
-            doc["classes"] = swap(list(doc["classes"]))
-        if name == "known_answers.json":
-            for answer in doc["answers"]:
-                p = answer["probabilities"]
-                p["mel"], p["nv"] = p["nv"], p["mel"]
-        (d / name).write_text(json.dumps(doc))
-
-
-def _another_model(d: Path) -> None:
-    """Replace model.ts by another valid model of the same architecture and shape (another seed's head)."""
-    import torch
-
-    from lesionml.models import build_model, export_torchscript
-    from lesionml.preprocessing import read_spec
-
-    spec = read_spec(d / "preprocessing.json")
-    torch.manual_seed(1234)
-    model, _ = build_model(spec.arch, 7, pretrained=False, image_size=(spec.height, spec.width))
-    export_torchscript(model.eval(), torch.zeros(1, 3, spec.height, spec.width), str(d / "model.ts"))
 
 
 def _preprocessing(**change: object) -> Callable[[Path], None]:
@@ -84,8 +53,8 @@ def _preprocessing(**change: object) -> Callable[[Path], None]:
 # (id, alteration, what the refusal names as found, what it names with the manifest regenerated)
 ATTACKS: list[tuple[str, Callable[[Path], None], str, str]] = [
     ("weights flipped", lambda d: flip_weight_bytes(d / "model.ts"), "model.ts does not match", "known-answer"),
-    ("classes reordered in every file", _reorder_classes, "classes.json does not match", "label_set"),
-    ("another valid model.ts", _another_model, "model.ts does not match", "known-answer"),
+    ("classes reordered in every file", reorder_classes, "classes.json does not match", "label_set"),
+    ("another valid model.ts", another_model, "model.ts does not match", "known-answer"),
     ("input size changed", _preprocessing(height=160, width=160), "preprocessing.json does not match",
      "known-answer"),
     ("normalisation changed", _preprocessing(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
@@ -215,7 +184,7 @@ def test_a_poisoned_cache_entry_is_exported_again_not_served(model_dir: Path, co
         onnx_path.write_bytes(b"\x08\x07garbage")
         head_path.write_bytes(b"garbage")
     else:
-        _another_model(copy)
+        another_model(copy)
         reseal(copy, answers=True)  # a genuine other model: its own export passes its own check
         other = prepare(load_artifacts(copy), "onnx", cache)
         assert other.onnx_path is not None and other.head_path is not None
