@@ -23,20 +23,13 @@ from moto import mock_aws
 
 from lesion_common.splits import SPLITS, assign_split
 from tests.unit.handlers import Context, load_handler
+from tests.unit.test_pipeline_handlers import CHECK_ENV as PIPELINE_CHECK_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_IMAGES = sorted((REPO / "data" / "sample" / "images").glob("*.jpg"))
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
-CHECK_ENV = {
-    "MANIFEST_TABLE": "manifest",
-    "DATA_BUCKET": "data",
-    "ARTIFACTS_BUCKET": "artifacts",
-    "MODEL_PACKAGE_GROUP": "grp",
-    "LABEL_SET": "ham7",
-    "MIN_NEW_IMAGES": "1",
-    "MIN_IMAGES_PER_CLASS": "1",
-    "STATUS_SHARDS": "1",  # items here are written as <status>#0 (sharding itself: test_issue16_sharding.py)
-}
+# The pipeline tests' check_data environment, with minimums low enough for a handful of images.
+CHECK_ENV = {**PIPELINE_CHECK_ENV, "MIN_NEW_IMAGES": "1", "MIN_IMAGES_PER_CLASS": "1"}
 VALIDATE_ENV = {
     "DATA_BUCKET": "data",
     "MANIFEST_TABLE": "manifest",
