@@ -10,6 +10,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,28 @@ _SKIPPED_TYPES = {
     "AWS::Budgets::Budget",
     "AWS::CloudWatch::Dashboard",
 }
+
+
+def name_unnamed_executions() -> Callable[[], None]:
+    """StartExecution without ``name``: Step Functions names the execution with a UUID; moto 5.2.5 names it "None"
+    (and the definition's ``$$.Execution.Name`` is then null). Returns the undo."""
+    from moto.core.responses import ActionResult
+    from moto.stepfunctions.responses import StepFunctionResponse
+
+    original = StepFunctionResponse.start_execution
+
+    def start_execution(handler: Any) -> Any:
+        execution = handler.stepfunction_backend.start_execution(
+            handler._get_param("stateMachineArn"), handler._get_param("name") or str(uuid.uuid4()),
+            handler._get_param("input", if_none="{}"))
+        return ActionResult({"executionArn": execution.execution_arn, "startDate": execution.start_date})
+
+    StepFunctionResponse.start_execution = start_execution  # type: ignore[method-assign,assignment]
+
+    def undo() -> None:
+        StepFunctionResponse.start_execution = original  # type: ignore[method-assign]
+
+    return undo
 
 
 class LocalCloud:
@@ -244,6 +267,14 @@ class LocalCloud:
 
         self.hosting = LocalHosting(self.endpoints, self.work_dir / "hosting", emit_sagemaker_event)
         self._undo.append(self.hosting.install())
+
+        # Alarm state changes (the evaluator's, or ``set-alarm-state``'s) reach the bus and the action topics.
+        from localmode import alarms
+
+        self._undo.append(alarms.install(bus.put, ACCOUNT, REGION))
+        self.alarms = alarms.AlarmEvaluator(ACCOUNT, REGION)
+        self._undo.append(self.alarms.stop)
+        self._undo.append(name_unnamed_executions())
 
     def _deliver(self, rule: eventbridge.Rule, payload: str) -> None:
         if rule.target_kind == "lambda":
@@ -455,12 +486,22 @@ class LocalCloud:
             "Namespace": props["Namespace"], "Period": int(props["Period"]),
             "EvaluationPeriods": int(props["EvaluationPeriods"]), "Threshold": float(props["Threshold"]),
             "ComparisonOperator": props["ComparisonOperator"], "Dimensions": props.get("Dimensions", []),
+            "AlarmDescription": props.get("AlarmDescription", ""),
+            "TreatMissingData": props.get("TreatMissingData", "missing"),
+            "AlarmActions": props.get("AlarmActions", []), "OKActions": props.get("OKActions", []),
+            "InsufficientDataActions": props.get("InsufficientDataActions", []),
         }
+        if "DatapointsToAlarm" in props:
+            kwargs["DatapointsToAlarm"] = int(props["DatapointsToAlarm"])
         if "ExtendedStatistic" in props:
             kwargs["ExtendedStatistic"] = props["ExtendedStatistic"]
         else:
             kwargs["Statistic"] = props["Statistic"]
         boto3.client("cloudwatch", region_name=REGION).put_metric_alarm(**kwargs)
+        # CloudWatch creates an alarm in INSUFFICIENT_DATA (moto: OK), and sends no state-change event for it.
+        from moto.cloudwatch.models import cloudwatch_backends
+
+        cloudwatch_backends[ACCOUNT][REGION].alarms[kwargs["AlarmName"]].state_value = "INSUFFICIENT_DATA"
 
     def _create_log_group(self, logical_id: str, res: dict[str, Any]) -> None:
         boto3.client("logs", region_name=REGION).create_log_group(logGroupName=self.resolver.refs[logical_id])

@@ -112,6 +112,9 @@ def _zombie(pid: int) -> bool:
     return stat[stat.rfind(")") + 2:].startswith("Z")
 
 
+ALARM_EVALUATION_S = 10.0
+
+
 # ------------------------------------------------------------------ schedules
 _CRON_RANGES = [(0, 59), (0, 23), (1, 31), (1, 12), (1, 7), (1970, 2199)]
 _MONTHS = {m: i + 1 for i, m in enumerate(["JAN", "FEB", "MAR", "APR", "MAY", "JUN",
@@ -339,30 +342,6 @@ def fire(cloud: Any, name: str, lock: threading.Lock) -> tuple[int, dict[str, An
     return 200, answer
 
 
-def name_unnamed_executions() -> Callable[[], None]:
-    """StartExecution without ``name``: Step Functions names the execution with a UUID; moto 5.2.5 names it "None"
-    (and the definition's ``$$.Execution.Name`` is then null). Returns the undo."""
-    import uuid
-
-    from moto.core.responses import ActionResult
-    from moto.stepfunctions.responses import StepFunctionResponse
-
-    original = StepFunctionResponse.start_execution
-
-    def start_execution(handler: Any) -> Any:
-        execution = handler.stepfunction_backend.start_execution(
-            handler._get_param("stateMachineArn"), handler._get_param("name") or str(uuid.uuid4()),
-            handler._get_param("input", if_none="{}"))
-        return ActionResult({"executionArn": execution.execution_arn, "startDate": execution.start_date})
-
-    StepFunctionResponse.start_execution = start_execution  # type: ignore[method-assign,assignment]
-
-    def undo() -> None:
-        StepFunctionResponse.start_execution = original  # type: ignore[method-assign]
-
-    return undo
-
-
 # ------------------------------------------------------------------ the server
 class LocalServer:
     """Bind the port, deploy the stack, serve, and stop everything it started.
@@ -459,7 +438,6 @@ class LocalServer:
             cloud_module.load_template = original_load
         try:
             self.cloud.start()
-            self._undo.append(name_unnamed_executions())
         except Exception as err:  # noqa: BLE001 - reported in one line, the half-deployed stack torn down
             log.debug("deployment failed", exc_info=True)
             raise ToolError(f"{name} failed to deploy locally ({type(err).__name__}: {err}); fix it and run up "
@@ -592,6 +570,8 @@ def up(port: int, work_dir: Path, parameters: dict[str, str], data: Path | None,
             "Ctrl-C stops (and discards everything)")
         if schedules:
             server.start_schedules()
+        # CloudWatch evaluates alarms every minute; a rehearsal should not wait that long to see one change.
+        server.cloud.alarms.start(ALARM_EVALUATION_S)
         while not stop.wait(1.0):
             pass
         say("stopping: training jobs, endpoints, then the emulator...")

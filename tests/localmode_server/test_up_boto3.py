@@ -109,6 +109,35 @@ def test_operator_loop_over_http(up: Up, tmp_path: Path) -> None:
     assert prediction["predicted_class"] in prediction["probabilities"]
     assert abs(sum(prediction["probabilities"].values()) - 1.0) < 1e-3
 
+    # Drift over the threshold and live balanced accuracy under it put the drift and quality alarms in ALARM (up
+    # evaluates alarms every 10 s); each state-change event starts a retraining through the template's rules.
+    cw = up.client("cloudwatch")
+    watched = {a["MetricName"]: a for a in cw.describe_alarms()["MetricAlarms"]}
+    drift, quality = watched["DriftScore"], watched["ModelBalancedAccuracy"]
+    # created INSUFFICIENT_DATA; with no data yet, notBreaching evaluates OK and ignore keeps the state
+    assert drift["StateValue"] in ("INSUFFICIENT_DATA", "OK") and quality["StateValue"] == "INSUFFICIENT_DATA"
+    cw.put_metric_data(Namespace=drift["Namespace"], MetricData=[
+        {"MetricName": "DriftScore", "Value": drift["Threshold"] + 1.0},
+        {"MetricName": "ModelBalancedAccuracy", "Value": quality["Threshold"] / 2}])
+    names = [drift["AlarmName"], quality["AlarmName"]]
+    wait_for(lambda: all(a["StateValue"] == "ALARM" for a in cw.describe_alarms(AlarmNames=names)["MetricAlarms"]),
+             timeout=60, what="the drift and quality alarms in ALARM")
+
+    def alarm_retrainings() -> dict[str, dict[str, str]] | None:
+        found = {}
+        for run in sfn.list_executions(stateMachineArn=machine)["executions"]:
+            described = sfn.describe_execution(executionArn=run["executionArn"])
+            trigger = json.loads(described["input"])["trigger"]
+            if trigger["type"] in ("drift-alarm", "quality-alarm"):
+                found[trigger["type"]] = described
+        return found if len(found) == 2 else None
+
+    started = wait_for(alarm_retrainings, timeout=60, what="the retrainings started by the two alarms")
+    assert drift["AlarmName"] in started["drift-alarm"]["input"]
+    assert quality["AlarmName"] in started["quality-alarm"]["input"]
+    for described in started.values():
+        sfn.stop_execution(executionArn=described["executionArn"])
+
     # The same picture uploaded again under another name is recorded as a duplicate of the first.
     original = image.stem
     s3.put_object(Bucket=bucket, Key="incoming/ham10000/COPY_OF_IT.jpg", Body=image.read_bytes())
