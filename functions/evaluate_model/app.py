@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tarfile
+from datetime import UTC, datetime
 from typing import Any
 
 import boto3
@@ -24,6 +26,7 @@ from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lesion_common.errors import MetricsMissingError
+from lesion_common.model_quality import sagemaker_statistics
 from lesion_common.parsing import parse_event
 from lesion_common.training_jobs import TrainingOutputAccessDeniedError, TrainingOutputMissingError
 
@@ -48,6 +51,12 @@ class SplitMetrics(BaseModel):
     accuracy: float = Field(ge=0, le=1)
 
 
+class TestSplitMetrics(SplitMetrics):
+    """The candidate's test block: also the decided confusion matrix, for the registry's model-quality file."""
+
+    confusion_matrix: list[list[int]]
+
+
 class JobMetrics(BaseModel):
     """metrics.json as the training image writes it."""
 
@@ -55,7 +64,7 @@ class JobMetrics(BaseModel):
     classes: list[str]
     architecture: str = ""
     n_test: int = Field(ge=1)
-    test: SplitMetrics
+    test: TestSplitMetrics
     baseline: SplitMetrics | None = None
 
 
@@ -111,10 +120,19 @@ def evaluate(client: Any, job_name: str, model_data_url: str) -> dict[str, Any]:
         Body=report.model_dump_json(indent=2).encode(),
         ContentType="application/json",
     )
+    try:
+        quality = sagemaker_statistics(report.test.confusion_matrix, report.classes,
+                                       datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError as err:
+        raise MetricsMissingError(f"metrics.json in {output_uri}: test confusion matrix: {err}") from err
+    quality_key = f"evaluations/{job_name}/model_quality.json"
+    client.put_object(Bucket=ARTIFACTS_BUCKET, Key=quality_key, Body=json.dumps(quality, indent=2).encode(),
+                      ContentType="application/json")
     return {
         "trainingJobName": job_name,
         "modelDataUrl": model_data_url,
         "metricsS3Uri": f"s3://{ARTIFACTS_BUCKET}/{metrics_key}",
+        "modelQualityS3Uri": f"s3://{ARTIFACTS_BUCKET}/{quality_key}",
         "architecture": report.architecture,
         "classes": report.classes,
         "nTest": report.n_test,

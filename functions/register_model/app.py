@@ -47,6 +47,7 @@ class Evaluation(BaseModel):
     training_job_name: str = Field(alias="trainingJobName", min_length=1)
     model_data_url: str = Field(alias="modelDataUrl", pattern=r"^s3://")
     metrics_s3_uri: str = Field(alias="metricsS3Uri", pattern=r"^s3://")
+    model_quality_s3_uri: str = Field(alias="modelQualityS3Uri", pattern=r"^s3://")
     architecture: str = ""
     metrics: dict[str, float]
     baseline: dict[str, float] | None = None
@@ -69,6 +70,7 @@ def package_request(req: RegisterEvent) -> dict[str, Any]:
         "ExecutionArn": req.execution_arn[-256:],
         "Trigger": req.trigger_type,
         "Architecture": ev.architecture or "unknown",
+        "MetricsS3Uri": ev.metrics_s3_uri[:256],  # our full report; ModelQuality holds SageMaker's format
         **{f"test_{k}": f"{v:.4f}" for k, v in sorted(ev.metrics.items())},
     }
     container: dict[str, Any] = {"Image": INFERENCE_IMAGE_URI, "ModelDataUrl": ev.model_data_url}
@@ -88,7 +90,7 @@ def package_request(req: RegisterEvent) -> dict[str, Any]:
         },
         "ModelApprovalStatus": "Approved" if AUTO_APPROVE else "PendingManualApproval",
         "ModelMetrics": {
-            "ModelQuality": {"Statistics": {"ContentType": "application/json", "S3Uri": ev.metrics_s3_uri}}
+            "ModelQuality": {"Statistics": {"ContentType": "application/json", "S3Uri": ev.model_quality_s3_uri}}
         },
         "CustomerMetadataProperties": properties,
     }

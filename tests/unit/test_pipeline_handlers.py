@@ -125,9 +125,11 @@ def test_invalid_request_is_a_named_error(aws: None, monkeypatch) -> None:
 
 # ------------------------------------------------------------------ evaluate
 METRICS = {
-    "label_set": "ham7", "classes": CLASSES, "architecture": "efficientnet_lite0", "n_test": 60,
+    "label_set": "ham7", "classes": CLASSES, "architecture": "efficientnet_lite0", "n_test": 70,
     "test": {"balanced_accuracy": 0.61, "macro_auc": 0.9, "melanoma_sensitivity": 0.7,
-             "melanoma_specificity": 0.8, "accuracy": 0.7, "per_class": {}},
+             "melanoma_specificity": 0.8, "accuracy": 0.7, "per_class": {},
+             "confusion_matrix": [[6 if i == j else (4 if j == (i + 1) % 7 else 0) for j in range(7)]
+                                  for i in range(7)][:len(CLASSES)]},
     "baseline": None,
 }
 
@@ -156,6 +158,14 @@ def test_evaluate_reads_metrics_from_output_tar(aws: None, monkeypatch) -> None:
     key = "evaluations/skinlesion-run-1/metrics.json"
     stored = json.loads(boto3.client("s3").get_object(Bucket="artifacts", Key=key)["Body"].read())
     assert stored["architecture"] == "efficientnet_lite0"
+    # SageMaker's model-quality statistics, for the registry's ModelQuality, from the same confusion matrix
+    assert out["modelQualityS3Uri"] == "s3://artifacts/evaluations/skinlesion-run-1/model_quality.json"
+    quality = json.loads(boto3.client("s3").get_object(
+        Bucket="artifacts", Key="evaluations/skinlesion-run-1/model_quality.json")["Body"].read())
+    block = quality["multiclass_classification_metrics"]
+    assert quality["dataset"]["item_count"] == 70
+    assert block["confusion_matrix"][CLASSES[0]][CLASSES[0]] == 6 and block["accuracy"]["value"] == 0.6
+    assert block["accuracy"]["standard_deviation"] == "NaN"  # under 200 samples, as Model Monitor writes it
 
 
 def test_evaluate_sample_event_is_valid(monkeypatch) -> None:
@@ -219,7 +229,9 @@ def test_register_attaches_metrics_and_waits_for_approval(aws: None, monkeypatch
     out = app.lambda_handler(_register_event(), Context())
     assert out["approvalStatus"] == "PendingManualApproval"
     pkg = boto3.client("sagemaker").describe_model_package(ModelPackageName=out["modelPackageArn"])
-    assert pkg["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"].endswith("metrics.json")
+    # the console shows ModelQuality in SageMaker's format; our own report is named beside it
+    assert pkg["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"].endswith("/model_quality.json")
+    assert pkg["CustomerMetadataProperties"]["MetricsS3Uri"].endswith("/metrics.json")
     assert pkg["CustomerMetadataProperties"]["test_balanced_accuracy"] == "0.7800"
     assert pkg["InferenceSpecification"]["Containers"][0]["Image"] == "img:1"
     # One source of truth: the package supports exactly the type the endpoint is deployed on.

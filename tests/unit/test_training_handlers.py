@@ -326,7 +326,7 @@ def test_evaluate_reads_the_output_next_to_the_model(aws: None, monkeypatch) -> 
     s3.create_bucket(Bucket="artifacts")
     metrics = {"classes": ["a"], "n_test": 3, "test": {"balanced_accuracy": 0.5, "macro_auc": 0.6,
                                                          "melanoma_sensitivity": 0.7, "melanoma_specificity": 0.8,
-                                                         "accuracy": 0.9}}
+                                                         "accuracy": 0.9, "confusion_matrix": [[3]]}}
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         data = json.dumps(metrics).encode()
