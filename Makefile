@@ -6,12 +6,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SAM_VENV := .venv-sam
 CHECKOV_VENV := .venv-checkov
+# PyPI's Linux torch wheels are the CUDA build (~4.5 GB with its nvidia-* packages); local mode and the tests run on
+# the CPU. `make run TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu` installs the same torch version's
+# CPU-only wheels (~0.2 GB) first, where that index can be reached. macOS wheels on PyPI are CPU-only already.
+TORCH_INDEX_URL ?=
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: setup run up test lint unit bench clean preflight images deploy
 
 $(VENV)/.stamp: requirements/dev.txt requirements/lambda.txt requirements/train.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	if [ -n "$(TORCH_INDEX_URL)" ]; then \
+	  $(PY) -m pip install -q --disable-pip-version-check --index-url "$(TORCH_INDEX_URL)" \
+	    $$(grep -E '^(torch|torchvision)==' requirements/train.txt); fi
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements/dev.txt
 	# The layers' packages importable from this venv, as /opt/python makes them on Lambda and PYTHONPATH in the
 	# images: `python -m lesionml.model_dir ...` and the benchmarks work from a plain shell.

@@ -32,27 +32,16 @@ TARGETS = {"macro_auc": 0.95, "balanced_accuracy": 0.75, "melanoma_sensitivity":
 # exponential moving average of the weights as the model that is validated and exported. Plain cross-entropy, then
 # per-class decision offsets fitted on validation (class-balanced cross-entropy from -log prior: class_bias=validation).
 # The exported model averages its probabilities over the flips and the 180-degree turn of each image (tta=dihedral).
-CPU_HPS = {
-    "arch": "efficientnet_lite0",
-    "pretrained": "true",
-    "image_size": "256x192",
-    "epochs": "8",
-    "freeze_epochs": "1",
-    "trainable_from": "net._blocks.6",
-    "batch_size": "32",
-    "lr": "0.001",
-    "backbone_lr_scale": "0.5",
-    "warmup_epochs": "0.5",
-    "imbalance": "none",
-    "min_crop_scale": "0.6",
-    "ema_decay": "0.998",
-    "tta": "dihedral",
-    "patience": "0",
-    "seed": "42",
-    # Every core of an otherwise idle machine (two OpenMP threads on a shared, busy 2-core machine stall each
-    # other: pass --hp threads=1 there; see training_image/README.md).
-    "threads": "auto",
-}
+def _deployed_recipe() -> dict[str, str]:
+    """The recipe is defined once, as template.yaml's ``TrainingHyperparameters`` default, which deploys it."""
+    from localmode.template import load_template
+
+    return dict(json.loads(load_template(ROOT / "template.yaml")["Parameters"]["TrainingHyperparameters"]["Default"]))
+
+
+# Every core of an otherwise idle machine by default (``threads: auto``): two OpenMP threads on a shared, busy 2-core
+# machine stall each other: pass --hp threads=1 there; see training_image/README.md.
+CPU_HPS = _deployed_recipe()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
