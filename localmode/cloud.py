@@ -369,6 +369,12 @@ class LocalCloud:
                 name = r.resolve(res["Properties"]["LogGroupName"])
                 r.refs[logical_id] = name
                 r.attrs[logical_id] = {"Arn": f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:{name}:*"}
+            elif res["Type"] == "AWS::Serverless::StateMachine" and "Name" in res.get("Properties", {}):
+                # The template's name, as CloudFormation gives it: policies name executions by it.
+                name = r.resolve(res["Properties"]["Name"])
+                sm_arn = f"arn:aws:states:{REGION}:{ACCOUNT}:stateMachine:{name}"
+                r.refs[logical_id] = sm_arn
+                r.attrs[logical_id] = {"Arn": sm_arn, "Name": name}
             else:
                 ref, attrs = self._physical(logical_id, res["Type"])
                 r.refs[logical_id] = ref
@@ -411,6 +417,15 @@ class LocalCloud:
         s3 = boto3.client("s3", region_name=REGION)
         name = self.resolver.refs[logical_id]
         s3.create_bucket(Bucket=name)
+        # CloudFormation tags what it creates with the aws:cloudformation:* keys (which PutBucketTagging refuses to
+        # anyone else); the tools recognise a stack's data bucket by them.
+        from moto.s3.models import s3_backends
+
+        tags = {t["Key"]: t["Value"] for t in props.get("Tags", [])}
+        tags.update({"aws:cloudformation:stack-name": self.stack_name, "aws:cloudformation:logical-id": logical_id,
+                     "aws:cloudformation:stack-id": f"arn:aws:cloudformation:{REGION}:{ACCOUNT}:stack/"
+                                                    f"{self.stack_name}/00000000-0000-0000-0000-000000000000"})
+        s3_backends[ACCOUNT]["global"].put_bucket_tagging(name, tags)
         if "BucketEncryption" in props:
             s3.put_bucket_encryption(Bucket=name, ServerSideEncryptionConfiguration={
                 "Rules": [{"ApplyServerSideEncryptionByDefault": {

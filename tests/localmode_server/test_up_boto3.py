@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +14,7 @@ import pytest
 
 from tools.upload_dataset import upload_dataset
 
-from .helpers import FAST_PARAMETERS, Up, alive, small_dataset, wait_for
+from .helpers import FAST_PARAMETERS, REPO, Up, alive, small_dataset, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -137,6 +140,21 @@ def test_operator_loop_over_http(up: Up, tmp_path: Path) -> None:
     assert quality["AlarmName"] in started["quality-alarm"]["input"]
     for described in started.values():
         sfn.stop_execution(executionArn=described["executionArn"])
+
+    # The operator's tools work against local mode as against AWS (through AWS_ENDPOINT_URL); the data bucket is
+    # recognised by the tags CloudFormation gives it.
+    tool_env = {**os.environ, **up.env}
+    answers = tmp_path / "answers.csv"
+    classified = subprocess.run(
+        [sys.executable, "-m", "tools.classify", "--endpoint", endpoint, "--inference-id-from-filename", "--csv",
+         str(answers), str(image)], cwd=REPO, env=tool_env, capture_output=True, text=True, timeout=120)
+    assert classified.returncode == 0, classified.stderr
+    assert image.stem in answers.read_text()
+    sent = subprocess.run(
+        [sys.executable, "-m", "tools.send_ground_truth", "--bucket", bucket, str(data / "HAM10000_metadata.csv")],
+        cwd=REPO, env=tool_env, capture_output=True, text=True, timeout=120)
+    assert sent.returncode == 0, sent.stderr
+    assert s3.head_object(Bucket=bucket, Key="ground-truth/HAM10000_metadata.csv")["ContentLength"] > 0
 
     # The same picture uploaded again under another name is recorded as a duplicate of the first.
     original = image.stem
