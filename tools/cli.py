@@ -58,6 +58,9 @@ def aws_message(err: BaseException) -> str | None:
     if isinstance(err, NoRegionError):
         return f"no AWS region configured: {REGION_HINT}"
     if isinstance(err, EndpointConnectionError):
+        if os.environ.get("AWS_ENDPOINT_URL"):
+            return (f"cannot reach {os.environ['AWS_ENDPOINT_URL']} (AWS_ENDPOINT_URL): start local mode "
+                    "(`make up`), or `unset AWS_ENDPOINT_URL` to use AWS")
         return f"cannot reach AWS ({err}): check the network and the region"
     if isinstance(err, ClientError):
         code = err.response.get("Error", {}).get("Code", "")
