@@ -75,8 +75,9 @@ def find_images(folder: Path) -> list[Path]:
 def check_labels(images: list[Path], folder: Path, metadata: Path | None, *, unlabelled: bool = False) -> str:
     """Check that the images will get labels; return a short description of where they come from.
 
-    Labels come from a HAM10000 metadata CSV or an ISIC 2019 ground-truth CSV (``metadata``), or from the name of
-    the folder an image is in (``mel/``, ``nv/``, ...), as the validation handler reads them.
+    Labels come from a label CSV (``metadata``: HAM10000, ISIC 2019, BCN20000, ISIC Archive metadata; see
+    ``lesion_common.labels.detect_format``), or from the name of the folder an image is in (``mel/``, ``nv/``,
+    ...), as the validation handler reads them.
 
     Raises
     ------
@@ -90,8 +91,8 @@ def check_labels(images: list[Path], folder: Path, metadata: Path | None, *, unl
             return f"labels from class folders ({foldered} of {len(images)} images)"
         if unlabelled:
             return "no labels (--unlabelled)"
-        raise ToolError("no label file: pass --metadata CSV (HAM10000 metadata or ISIC 2019 ground truth), put the "
-                        "images in folders named by class (mel/, nv/, ...), or pass --unlabelled")
+        raise ToolError("no label file: pass --metadata CSV (HAM10000, ISIC 2019, BCN20000 or ISIC Archive "
+                        "metadata), put the images in folders named by class (mel/, nv/, ...), or pass --unlabelled")
     if not metadata.is_file():
         raise ToolError(f"label file {metadata} does not exist")
     try:
@@ -99,9 +100,11 @@ def check_labels(images: list[Path], folder: Path, metadata: Path | None, *, unl
     except UnicodeDecodeError as err:
         raise ToolError(f"label file {metadata} is not UTF-8 text: {err.reason}") from err
     except MetadataFormatError as err:
-        raise ToolError(f"label file {metadata} is not a HAM10000 metadata or ISIC 2019 ground-truth CSV: "
-                        f"{err}") from err
-    labelled = {row.image_id for row in rows if row.ok}
+        raise ToolError(f"label file {metadata} is not a label CSV of a known format: {err}") from err
+    labelled = {row.image_id for row in rows if row.ok and row.label is not None}
+    if not labelled and any(row.ok for row in rows):
+        raise ToolError(f"label file {metadata} holds lesion ids only (ISIC 2019 training metadata): pass the "
+                        "ground truth as --metadata, then upload this file to incoming/ too (it sets the lesions)")
     if not labelled:
         raise ToolError(f"label file {metadata} has no usable row ({len(rows)} rows, none with a known class)")
     matched = sum(1 for p in images if p.stem in labelled)

@@ -27,7 +27,7 @@ def no_cloud(monkeypatch: pytest.MonkeyPatch) -> None:
     (lambda d: (d / "images").mkdir() or d, "no images"),
     (lambda d: _copy_images(d) and d, "no metadata CSV"),
     (lambda d: _copy_images(d) and (d / "labels.csv").write_text("a,b\n1,2\n") and d,
-     "is not a HAM10000 metadata or ISIC 2019 ground-truth CSV"),
+     "is not a label CSV of a known format"),
 ])
 def test_unusable_data_fails_before_starting(tmp_path: Path, capsys: pytest.CaptureFixture[str], no_cloud: None,
                                              make: object, expected: str) -> None:

@@ -57,7 +57,7 @@ def test_every_flag_has_help() -> None:
     (lambda tmp, images: ["--folder", str(images), "--metadata", str(tmp / "labels.csv")],
      "label file .*labels.csv does not exist"),
     (lambda tmp, images: ["--folder", str(images), "--metadata", str(tmp / "bad.csv")],
-     "is not a HAM10000 metadata or ISIC 2019 ground-truth CSV"),
+     "is not a label CSV of a known format"),
     (lambda tmp, images: ["--folder", str(images), "--metadata", str(tmp / "other.csv")],
      "names none of the 5 images"),
     (lambda tmp, images: ["--folder", str(images)], "no label file: pass --metadata"),

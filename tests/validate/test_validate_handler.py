@@ -374,13 +374,14 @@ def test_isic_csv_with_rejected_rows(cloud: Cloud) -> None:
     ).encode()
     key = "incoming/isic2019/ISIC_2019_Training_GroundTruth.csv"
     out = cloud.upload(key, text)
-    assert out["applied"] == 2 and out["skipped"] == {"label_not_in_label_set": 1, "unk": 1}
+    assert out["applied"] == 3 and out["skipped"] == {"unk": 1}
     items = cloud.items()
     assert items[image_id]["status"] == "VALIDATED" and items[image_id]["label"] == "bcc"
     assert items[image_id]["lesion_id"] == image_id  # the ISIC format has no lesion: kept as it was
-    assert items["ISIC_0000001"]["status"] == "LABEL_ONLY" and "ISIC_0000002" not in items
+    assert items["ISIC_0000001"]["status"] == "LABEL_ONLY"
+    assert items["ISIC_0000002"]["label"] == "akiec"  # ISIC's AK is ham7's akiec
     reason = assert_quarantined(cloud, key, text, "rows_rejected")
-    assert [(r["line"], r["reason"]) for r in reason["rejected_rows"]] == [(4, "label_not_in_label_set"), (5, "unk")]
+    assert [(r["line"], r["reason"]) for r in reason["rejected_rows"]] == [(5, "unk")]
 
 
 def test_one_bad_cell_costs_its_row_not_the_file(cloud: Cloud) -> None:

@@ -89,8 +89,8 @@ def test_isic2019_one_hot_format() -> None:
         ISIC_HEADER
         + "ISIC_0000000,0.0,1.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0\n"
         + "ISIC_0000001,1.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0\n"
-        + "ISIC_0000002,0.0,0.0,0.0,1.0,0.0,0.0,0.0,0.0,0.0\n"  # AK: not in ham7
-        + "ISIC_0000003,0.0,0.0,0.0,0.0,0.0,0.0,0.0,1.0,0.0\n"  # SCC: not in ham7
+        + "ISIC_0000002,0.0,0.0,0.0,1.0,0.0,0.0,0.0,0.0,0.0\n"  # AK: ham7's akiec
+        + "ISIC_0000003,0.0,0.0,0.0,0.0,0.0,0.0,0.0,1.0,0.0\n"  # invasive SCC: not in ham7
         + "ISIC_0000004,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,1.0\n"  # UNK
         + "ISIC_0000005,1.0,1.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0\n"
         + "ISIC_0000006,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0\n"
@@ -101,7 +101,7 @@ def test_isic2019_one_hot_format() -> None:
     assert ham == {
         "ISIC_0000000": ("nv", None),
         "ISIC_0000001": ("mel", None),
-        "ISIC_0000002": (None, "label_not_in_label_set"),
+        "ISIC_0000002": ("akiec", None),
         "ISIC_0000003": (None, "label_not_in_label_set"),
         "ISIC_0000004": (None, "unk"),
         "ISIC_0000005": (None, "not_one_hot"),

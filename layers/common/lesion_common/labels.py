@@ -36,6 +36,38 @@ _REPORTED_ID_CHARS: Final = 128
 
 HAM10000_FORMAT: Final = "ham10000"
 ISIC2019_FORMAT: Final = "isic2019"
+ISIC2019_METADATA_FORMAT: Final = "isic2019_metadata"
+BCN20000_FORMAT: Final = "bcn20000"
+ISIC_ARCHIVE_FORMAT: Final = "isic_archive"
+LABELS_FORMAT: Final = "labels"
+
+# An ISIC class code (ISIC 2019's eight) -> its code in each label set; None: no class of that set holds it. HAM's
+# akiec is "actinic keratoses and intraepithelial carcinoma (Bowen's disease)": AK and SCC in situ, not invasive SCC.
+_TO_SET: Final[dict[str, dict[str, str | None]]] = {
+    "mel": {"ham7": "mel", "isic8": "mel"}, "nv": {"ham7": "nv", "isic8": "nv"},
+    "bcc": {"ham7": "bcc", "isic8": "bcc"}, "bkl": {"ham7": "bkl", "isic8": "bkl"},
+    "df": {"ham7": "df", "isic8": "df"}, "vasc": {"ham7": "vasc", "isic8": "vasc"},
+    "ak": {"ham7": "akiec", "isic8": "ak"}, "scc": {"ham7": None, "isic8": "scc"},
+    "scc_in_situ": {"ham7": "akiec", "isic8": "scc"},
+}
+# The ISIC Archive's diagnoses (isic-cli's ``diagnosis_1`` .. ``diagnosis_5`` hierarchy; ``diagnosis`` in exports
+# before 2024), lower case, -> an ISIC class code of _TO_SET. A diagnosis not here is reported, never guessed:
+# ``lentigo nos``, ``scar``, ``atypical melanocytic proliferation``, and the top levels (benign/malignant).
+ARCHIVE_DIAGNOSES: Final[dict[str, str]] = {
+    "melanoma": "mel", "melanoma, nos": "mel", "melanoma invasive": "mel", "melanoma in situ": "mel",
+    "melanoma metastasis": "mel", "malignant melanocytic proliferations (melanoma)": "mel",
+    "nevus": "nv", "benign melanocytic proliferations": "nv",
+    "basal cell carcinoma": "bcc",
+    "solar or actinic keratosis": "ak", "actinic keratosis": "ak",
+    "squamous cell carcinoma": "scc", "squamous cell carcinoma, nos": "scc",
+    "squamous cell carcinoma, invasive": "scc", "squamous cell carcinoma in situ": "scc_in_situ",
+    "seborrheic keratosis": "bkl", "solar lentigo": "bkl", "lichen planus like keratosis": "bkl",
+    "lichenoid keratosis": "bkl", "pigmented benign keratosis": "bkl",
+    "dermatofibroma": "df",
+    "vascular lesion": "vasc", "hemangioma": "vasc", "angioma": "vasc", "angiokeratoma": "vasc",
+    "pyogenic granuloma": "vasc", "benign soft tissue proliferations - vascular": "vasc",
+}
+_ARCHIVE_LEVELS: Final = ("diagnosis_5", "diagnosis_4", "diagnosis_3", "diagnosis_2", "diagnosis_1", "diagnosis")
 
 
 class UnknownLabelSetError(ValueError):
@@ -126,12 +158,17 @@ class LabelRow:
     label
         Lower-case class code, or None when the row is skipped.
     lesion_id
-        The lesion, or None when the format has none (ISIC 2019 ground truth).
+        The group the split is assigned by: the lesion, the patient where a format has no lesion id (isic-cli
+        metadata), or None when there is neither (the image is its own group).
     skip_reason
         None for a usable row; else a short code: ``unk``, ``unknown_label``, ``label_not_in_label_set``,
+        ``unmapped_diagnosis`` (an ISIC Archive diagnosis no class holds; ``detail`` names it), ``no_diagnosis``,
         ``invalid_image_id``, ``invalid_lesion_id``, ``not_one_hot``, ``bad_value``, ``malformed_row`` (more or
         fewer cells than the header), ``malformed_quoting`` (an unterminated or misplaced quote),
         ``row_too_long`` (over :data:`MAX_LINE_CHARS`), ``duplicate_row``, ``conflicting_label``.
+        A usable row with ``label`` None carries a lesion id only (ISIC 2019 training metadata).
+    detail
+        What a skipped row held that explains the reason (the unmapped diagnosis), else None.
     """
 
     line: int
@@ -139,6 +176,7 @@ class LabelRow:
     label: str | None
     lesion_id: str | None
     skip_reason: str | None = None
+    detail: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -147,22 +185,54 @@ class LabelRow:
 
 
 def detect_format(header: list[str]) -> str:
-    """``"ham10000"`` or ``"isic2019"`` from a CSV header row.
+    """The label file format of a CSV header row (one of the ``*_FORMAT`` names).
+
+    HAM10000 metadata (``lesion_id,image_id,dx``), ISIC 2019 ground truth (``image`` and one-hot class columns)
+    and training metadata (``image``, ``lesion_id``), BCN20000 (``bcn_filename``, ``diagnosis``, ``lesion_id``),
+    the ISIC Archive's metadata export as isic-cli writes it (``isic_id`` and ``diagnosis_1`` .. ``diagnosis_5``,
+    or ``diagnosis``), and a plain ``image_id,label[,lesion_id][,lesion_group]`` file.
 
     Raises
     ------
     MetadataFormatError
-        Neither format's required columns are present.
+        No format's required columns are present.
     """
     cols = {c.strip() for c in header}
     if {"image_id", "dx"} <= cols:
         return HAM10000_FORMAT
     if {"image", *ISIC2019_COLUMNS} <= cols:
         return ISIC2019_FORMAT
+    if {"image", "lesion_id"} <= cols:
+        return ISIC2019_METADATA_FORMAT
+    if {"bcn_filename", "diagnosis", "lesion_id"} <= cols:
+        return BCN20000_FORMAT
+    if "isic_id" in cols and cols & set(_ARCHIVE_LEVELS):
+        return ISIC_ARCHIVE_FORMAT
+    if {"image_id", "label"} <= cols:
+        return LABELS_FORMAT
     raise MetadataFormatError(
-        "not a label CSV: expected HAM10000 columns (lesion_id,image_id,dx,...) or ISIC 2019 ground truth "
-        f"(image,{','.join(ISIC2019_COLUMNS)},UNK); got {','.join(header[:12])}"
+        "not a label CSV: expected HAM10000 metadata (lesion_id,image_id,dx,...), ISIC 2019 ground truth "
+        f"(image,{','.join(ISIC2019_COLUMNS)},UNK) or training metadata (image,...,lesion_id), BCN20000 "
+        "(bcn_filename,...,diagnosis,lesion_id), ISIC Archive metadata (isic_id,...,diagnosis_1..diagnosis_5) or "
+        f"image_id,label[,lesion_id][,lesion_group]; got {','.join(header[:12])}"
     )
+
+
+def to_label_set(isic_code: str, label_set: str) -> str | None:
+    """An ISIC class code (``ak``, ``scc``, ``scc_in_situ``, ...) as a class of ``label_set``; None if none holds it."""
+    return _TO_SET[isic_code][label_set] if label_set in LABEL_SETS else None
+
+
+def archive_class(diagnoses: dict[str, str]) -> tuple[str | None, str | None]:
+    """(ISIC class code, None) for the most specific ISIC Archive diagnosis level that maps to a class, or
+    (None, the most specific diagnosis given) when none does, or (None, None) when no level is filled."""
+    given = [(diagnoses.get(level) or "").strip() for level in _ARCHIVE_LEVELS]
+    given = [g for g in given if g]
+    for diagnosis in given:
+        code = ARCHIVE_DIAGNOSES.get(diagnosis.lower())
+        if code is not None:
+            return code, None
+    return None, (given[0] if given else None)
 
 
 def _ham_row(rec: dict[str, str]) -> tuple[str, str | None, str | None, str | None]:
@@ -175,20 +245,79 @@ def _ham_row(rec: dict[str, str]) -> tuple[str, str | None, str | None, str | No
     return image_id, dx, lesion_id, None
 
 
-def _isic_row(rec: dict[str, str]) -> tuple[str, str | None, str | None, str | None]:
-    """(image_id, label, None, skip_reason) of an ISIC 2019 one-hot ground-truth row."""
+_Row = tuple[str, str | None, str | None, str | None, str | None]  # image id, label, lesion, skip reason, detail
+
+
+def _isic_row(rec: dict[str, str], label_set: str) -> _Row:
+    """An ISIC 2019 one-hot ground-truth row (no lesion id)."""
     image_id = (rec.get("image") or "").strip()
     columns = [*ISIC2019_COLUMNS, ISIC2019_UNKNOWN] if ISIC2019_UNKNOWN in rec else list(ISIC2019_COLUMNS)
     try:
         values = [float((rec.get(c) or "").strip()) for c in columns]
     except ValueError:
-        return image_id, None, None, "bad_value"
+        return image_id, None, None, "bad_value", None
     if any(not math.isfinite(v) or v not in (0.0, 1.0) for v in values) or sum(values) != 1.0:
-        return image_id, None, None, "not_one_hot"
+        return image_id, None, None, "not_one_hot", None
     column = columns[values.index(1.0)]
     if column == ISIC2019_UNKNOWN:
-        return image_id, None, None, "unk"
-    return image_id, column.lower(), None, None
+        return image_id, None, None, "unk", None
+    return _in_set(image_id, column.lower(), None, label_set)
+
+
+def _in_set(image_id: str, isic_code: str, lesion_id: str | None, label_set: str) -> _Row:
+    label = to_label_set(isic_code, label_set)
+    if label is None:
+        return image_id, None, lesion_id, "label_not_in_label_set", isic_code
+    return image_id, label, lesion_id, None, None
+
+
+def _isic_metadata_row(rec: dict[str, str], label_set: str) -> _Row:
+    """An ISIC 2019 training metadata row: a lesion id for an image, no label."""
+    return (rec.get("image") or "").strip(), None, (rec.get("lesion_id") or "").strip() or None, None, None
+
+
+def _bcn_row(rec: dict[str, str], label_set: str) -> _Row:
+    """A BCN20000 metadata row: ``bcn_filename`` names the image, ``diagnosis`` is an ISIC 2019 code (empty on the
+    held-out test rows)."""
+    image_id = (rec.get("bcn_filename") or "").strip().removesuffix(".jpg").removesuffix(".JPG")
+    lesion_id = (rec.get("lesion_id") or "").strip() or None
+    diagnosis = (rec.get("diagnosis") or "").strip()
+    if not diagnosis:
+        return image_id, None, lesion_id, "no_diagnosis", None
+    code = diagnosis.lower()
+    if code not in _TO_SET:
+        return image_id, None, lesion_id, "unmapped_diagnosis", diagnosis
+    return _in_set(image_id, code, lesion_id, label_set)
+
+
+def _archive_row(rec: dict[str, str], label_set: str) -> _Row:
+    """An ISIC Archive metadata row (isic-cli): grouped by ``lesion_id``, else by ``patient_id``, else the image."""
+    image_id = (rec.get("isic_id") or "").strip()
+    group = (rec.get("lesion_id") or "").strip() or (rec.get("patient_id") or "").strip() or None
+    code, unmapped = archive_class(rec)
+    if code is None:
+        return image_id, None, group, ("unmapped_diagnosis" if unmapped else "no_diagnosis"), unmapped
+    return _in_set(image_id, code, group, label_set)
+
+
+def _labels_row(rec: dict[str, str], label_set: str) -> _Row:
+    """A plain ``image_id,label`` row: grouped by ``lesion_group`` (images found to show one lesion), else
+    ``lesion_id``, else the image."""
+    image_id = (rec.get("image_id") or "").strip()
+    group = (rec.get("lesion_group") or "").strip() or (rec.get("lesion_id") or "").strip() or None
+    label = (rec.get("label") or "").strip().lower()
+    if label not in ALL_CODES:
+        return image_id, None, group, "unknown_label", label or None
+    return image_id, label, group, None, None
+
+
+def _ham_in(rec: dict[str, str], label_set: str) -> _Row:
+    image_id, label, lesion_id, reason = _ham_row(rec)
+    return image_id, label, lesion_id, reason, None
+
+
+_PARSERS: Final = {HAM10000_FORMAT: _ham_in, ISIC2019_FORMAT: _isic_row, ISIC2019_METADATA_FORMAT: _isic_metadata_row,
+                   BCN20000_FORMAT: _bcn_row, ISIC_ARCHIVE_FORMAT: _archive_row, LABELS_FORMAT: _labels_row}
 
 
 def _split_line(line: str) -> list[str] | str:
@@ -224,7 +353,7 @@ def _column_names(header: list[str]) -> list[str]:
 
 
 def parse_metadata_csv(text: str, *, label_set: str | None = None) -> list[LabelRow]:
-    """Read labels from a HAM10000 metadata CSV or an ISIC 2019 ground-truth CSV.
+    """Read labels (and lesion ids) from a label CSV of any format :func:`detect_format` knows.
 
     Every data row comes back, usable or not, so that the caller can report what it skipped and why: one bad row
     (a stray quote, a cell the csv module would refuse as too large, a wrong number of cells) is skipped on its
@@ -237,7 +366,9 @@ def parse_metadata_csv(text: str, *, label_set: str | None = None) -> list[Label
     text
         The whole file (a UTF-8 byte-order mark is allowed).
     label_set
-        When given, rows whose label is not in it are skipped as ``label_not_in_label_set``.
+        When given, rows whose label is not in it are skipped as ``label_not_in_label_set``; ISIC codes are
+        converted to it first (:func:`to_label_set`: AK is ham7's ``akiec``). Without it, ISIC codes are kept as
+        isic8's.
 
     Returns
     -------
@@ -264,7 +395,8 @@ def parse_metadata_csv(text: str, *, label_set: str | None = None) -> list[Label
         raise MetadataFormatError(f"the header (line {first[0]}) is not a CSV record: {header}")
     fmt = detect_format(header)
     names = _column_names(header)
-    parse = _ham_row if fmt == HAM10000_FORMAT else _isic_row
+    parse = _PARSERS[fmt]
+    target = label_set if label_set is not None else "isic8"
 
     rows: list[LabelRow] = []
     seen: dict[str, str] = {}
@@ -278,12 +410,12 @@ def parse_metadata_csv(text: str, *, label_set: str | None = None) -> list[Label
         if len(cells) != len(names):
             rows.append(LabelRow(line, cells[0].strip()[:_REPORTED_ID_CHARS], None, None, "malformed_row"))
             continue
-        image_id, label, lesion_id, reason = parse(dict(zip(names, cells, strict=True)))
+        image_id, label, lesion_id, reason, detail = parse(dict(zip(names, cells, strict=True)), target)
         if reason is None and not is_valid_image_id(image_id):
             reason = "invalid_image_id"
         if reason is None and lesion_id is not None and not is_valid_image_id(lesion_id):
             reason = "invalid_lesion_id"
-        if reason is None and label not in allowed:
+        if reason is None and label is not None and label not in allowed:
             reason = "label_not_in_label_set"
         if reason is None and label is not None:
             if image_id in seen:
@@ -291,7 +423,8 @@ def parse_metadata_csv(text: str, *, label_set: str | None = None) -> list[Label
             else:
                 seen[image_id] = label
         if reason is not None:
-            rows.append(LabelRow(line, image_id[:_REPORTED_ID_CHARS], None, lesion_id, reason))
+            rows.append(LabelRow(line, image_id[:_REPORTED_ID_CHARS], None, lesion_id, reason,
+                                 detail[:_REPORTED_ID_CHARS] if detail else None))
         else:
             rows.append(LabelRow(line, image_id, label, lesion_id))
     return rows
