@@ -35,7 +35,7 @@ _LAYER = Path(__file__).resolve().parents[1] / "layers" / "common"
 if str(_LAYER) not in sys.path:
     # The label sets' one home is the common layer (as in tools/upload_dataset.py).
     sys.path.append(str(_LAYER))
-from lesion_common.labels import LABEL_SETS  # noqa: E402
+from lesion_common.labels import archive_code, to_label_set  # noqa: E402
 
 DEFAULT_BASE_URL = "https://api.isic-archive.com/api/v2"
 PAGE_SIZE = 100
@@ -63,22 +63,6 @@ DATASETS: dict[str, DatasetSource] = {
     "bcn20000": DatasetSource(("BCN20000",), (249,)),
 }
 
-# Ordered: the first rule whose keyword occurs in the (lower-cased) diagnosis wins, so "melanoma" is tested
-# before "nevus" and the carcinomas before the keratoses. Values are (ham7 code, isic8 code); HAM10000's
-# akiec covers both actinic keratosis and intraepithelial carcinoma (Bowen's disease), so SCC maps to it.
-_LABEL_RULES: tuple[tuple[tuple[str, ...], str, str], ...] = (
-    (("melanoma",), "mel", "mel"),
-    (("basal cell carcinoma",), "bcc", "bcc"),
-    (("squamous cell carcinoma", "bowen", "intraepithelial carcinoma"), "akiec", "scc"),
-    (("actinic keratosis", "actinic keratoses"), "akiec", "ak"),
-    (("dermatofibroma",), "df", "df"),
-    (("seborrheic keratosis", "benign keratosis", "solar lentigo", "lichenoid keratosis", "lichen planus-like"),
-     "bkl", "bkl"),
-    (("vascular", "angioma", "angiokeratoma", "pyogenic granuloma", "hemorrhage"), "vasc", "vasc"),
-    (("nevus", "nevi", "naevus"), "nv", "nv"),
-)
-assert all(h in LABEL_SETS["ham7"] and i in LABEL_SETS["isic8"] for _, h, i in _LABEL_RULES)
-
 # image_id and dx repeat isic_id and the dataset's label-set code so the data bucket's validator reads this file
 # as a HAM10000-format label CSV (tools.upload_dataset --metadata DIR/metadata.csv).
 CSV_FIELDS = ("image_id", "lesion_id", "dx", "isic_id", "diagnosis", "benign_malignant", "ham7", "isic8")
@@ -105,7 +89,7 @@ class DownloadReport:
 
 
 def map_label(diagnoses: list[str]) -> tuple[str, str]:
-    """Map archive diagnoses to ``(ham7, isic8)`` codes; ``""`` where none maps.
+    """Map archive diagnoses to ``(ham7, isic8)`` codes; ``""`` where none maps (``lesion_common.labels``'s rules).
 
     Parameters
     ----------
@@ -114,10 +98,9 @@ def map_label(diagnoses: list[str]) -> tuple[str, str]:
         ``diagnosis_1`` of the newer hierarchical schema).
     """
     for text in diagnoses:
-        low = text.lower()
-        for keywords, ham7, isic8 in _LABEL_RULES:
-            if any(k in low for k in keywords):
-                return ham7, isic8
+        code = archive_code(text)
+        if code is not None:
+            return to_label_set(code, "ham7") or "", to_label_set(code, "isic8") or ""
     return "", ""
 
 

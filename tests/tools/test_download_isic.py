@@ -245,7 +245,8 @@ def test_listing_error_exits_non_zero(archive: FakeArchive, tmp_path: Path,
 
 @pytest.mark.parametrize(("diagnoses", "expected"), [
     (["actinic keratosis"], ("akiec", "ak")),
-    (["Squamous cell carcinoma, Invasive"], ("akiec", "scc")),
+    (["Squamous cell carcinoma, Invasive"], ("", "scc")),  # invasive SCC: no ham7 class
+    (["Squamous cell carcinoma in situ"], ("akiec", "scc")),
     (["pigmented benign keratosis"], ("bkl", "bkl")),
     (["Solar lentigo"], ("bkl", "bkl")),
     (["dermatofibroma"], ("df", "df")),

@@ -51,22 +51,22 @@ _TO_SET: Final[dict[str, dict[str, str | None]]] = {
     "scc_in_situ": {"ham7": "akiec", "isic8": "scc"},
 }
 # The ISIC Archive's diagnoses (isic-cli's ``diagnosis_1`` .. ``diagnosis_5`` hierarchy; ``diagnosis`` in exports
-# before 2024), lower case, -> an ISIC class code of _TO_SET. A diagnosis not here is reported, never guessed:
-# ``lentigo nos``, ``scar``, ``atypical melanocytic proliferation``, and the top levels (benign/malignant).
-ARCHIVE_DIAGNOSES: Final[dict[str, str]] = {
-    "melanoma": "mel", "melanoma, nos": "mel", "melanoma invasive": "mel", "melanoma in situ": "mel",
-    "melanoma metastasis": "mel", "malignant melanocytic proliferations (melanoma)": "mel",
-    "nevus": "nv", "benign melanocytic proliferations": "nv",
-    "basal cell carcinoma": "bcc",
-    "solar or actinic keratosis": "ak", "actinic keratosis": "ak",
-    "squamous cell carcinoma": "scc", "squamous cell carcinoma, nos": "scc",
-    "squamous cell carcinoma, invasive": "scc", "squamous cell carcinoma in situ": "scc_in_situ",
-    "seborrheic keratosis": "bkl", "solar lentigo": "bkl", "lichen planus like keratosis": "bkl",
-    "lichenoid keratosis": "bkl", "pigmented benign keratosis": "bkl",
-    "dermatofibroma": "df",
-    "vascular lesion": "vasc", "hemangioma": "vasc", "angioma": "vasc", "angiokeratoma": "vasc",
-    "pyogenic granuloma": "vasc", "benign soft tissue proliferations - vascular": "vasc",
-}
+# before 2024) -> an ISIC class code of _TO_SET, by keyword, in order: the first rule with a keyword in the
+# (lower-cased) diagnosis wins, so melanoma comes before nevus, in-situ SCC before SCC, the carcinomas before the
+# keratoses. A diagnosis no rule covers is reported, never guessed: ``lentigo NOS``, ``scar``, ``atypical
+# melanocytic proliferation``, and the top levels (``Benign``, ``Malignant``, ``Indeterminate``).
+ARCHIVE_RULES: Final[tuple[tuple[tuple[str, ...], str], ...]] = (
+    (("melanoma",), "mel"),
+    (("basal cell carcinoma",), "bcc"),
+    (("squamous cell carcinoma in situ", "bowen", "intraepithelial carcinoma"), "scc_in_situ"),
+    (("squamous cell carcinoma",), "scc"),
+    (("actinic keratosis", "actinic keratoses"), "ak"),
+    (("dermatofibroma",), "df"),
+    (("seborrheic keratosis", "benign keratosis", "solar lentigo", "lichenoid keratosis", "lichen planus like",
+      "lichen planus-like"), "bkl"),
+    (("vascular", "angioma", "angiokeratoma", "pyogenic granuloma", "hemorrhage"), "vasc"),
+    (("nevus", "nevi", "naevus", "benign melanocytic proliferation"), "nv"),
+)
 _ARCHIVE_LEVELS: Final = ("diagnosis_5", "diagnosis_4", "diagnosis_3", "diagnosis_2", "diagnosis_1", "diagnosis")
 
 
@@ -223,13 +223,22 @@ def to_label_set(isic_code: str, label_set: str) -> str | None:
     return _TO_SET[isic_code][label_set] if label_set in LABEL_SETS else None
 
 
+def archive_code(diagnosis: str) -> str | None:
+    """The ISIC class code of one ISIC Archive diagnosis (:data:`ARCHIVE_RULES`), or None."""
+    low = diagnosis.lower()
+    for keywords, code in ARCHIVE_RULES:
+        if any(k in low for k in keywords):
+            return code
+    return None
+
+
 def archive_class(diagnoses: dict[str, str]) -> tuple[str | None, str | None]:
     """(ISIC class code, None) for the most specific ISIC Archive diagnosis level that maps to a class, or
     (None, the most specific diagnosis given) when none does, or (None, None) when no level is filled."""
     given = [(diagnoses.get(level) or "").strip() for level in _ARCHIVE_LEVELS]
     given = [g for g in given if g]
     for diagnosis in given:
-        code = ARCHIVE_DIAGNOSES.get(diagnosis.lower())
+        code = archive_code(diagnosis)
         if code is not None:
             return code, None
     return None, (given[0] if given else None)
