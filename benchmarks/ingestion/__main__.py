@@ -34,6 +34,8 @@ import numpy as np
 import yaml
 
 from benchmarks.ingestion.variants import REPO, VARIANTS, image_paths, make_variant
+from lesion_common.manifest import FINAL_STATUSES
+from lesion_common.uploads import INCOMING
 
 BUCKET = "bench-data"
 READ_OPS = {"GetItem", "BatchGetItem", "Query", "Scan", "TransactGetItems"}
@@ -185,7 +187,7 @@ def run(count: int, near_fraction: float, seed: int, legacy: bool) -> dict[str, 
                 data = _mirror(data, kind)
             if variant:
                 data = make_variant(data, variant)
-            key = f"incoming/bench/{name}.jpg"
+            key = f"{INCOMING}bench/{name}.jpg"
             keys.append(key)
             etag = s3.put_object(Bucket=BUCKET, Key=key, Body=data)["ETag"].strip('"')
             event = {"source": "aws.s3", "detail-type": "Object Created",
@@ -210,12 +212,11 @@ def run(count: int, near_fraction: float, seed: int, legacy: bool) -> dict[str, 
                     reference = np.vstack([reference, bits[None, :]])
                     reference_sha.add(out["sha256"])
         # Every upload ends in exactly one of the three statuses.
-        final = {"VALIDATED", "DUPLICATE", "QUARANTINED"}
         by_source: dict[str, str] = {}
         for page in ddb.get_paginator("scan").paginate(TableName="manifest"):
             for item in page["Items"]:
                 by_source[item["source_key"]["S"]] = item["status"]["S"]
-        unreconciled = sum(1 for k in keys if by_source.get(k) not in final)
+        unreconciled = sum(1 for k in keys if by_source.get(k) not in FINAL_STATUSES)
 
     def tail(values: list[float], start: float) -> list[float]:
         return values[int(len(values) * start):] or values

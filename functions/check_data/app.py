@@ -23,11 +23,12 @@ import boto3
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from boto3.dynamodb.conditions import Key
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from lesion_common.errors import InvalidRequestError
 from lesion_common.labels import classes_for
+from lesion_common.manifest import DUPLICATE, VALIDATED, items_with_status
+from lesion_common.parsing import parse_event
+from lesion_common.uploads import VALIDATED_PREFIX, path_under_validated
 
 logger = Logger()
 metrics = Metrics()
@@ -39,9 +40,9 @@ MODEL_PACKAGE_GROUP = os.environ["MODEL_PACKAGE_GROUP"]
 LABEL_SET = os.environ["LABEL_SET"]
 MIN_NEW_IMAGES = int(os.environ["MIN_NEW_IMAGES"])
 MIN_IMAGES_PER_CLASS = int(os.environ["MIN_IMAGES_PER_CLASS"])
-# validate_image writes status_shard = <status>#<0..STATUS_SHARDS-1>; the same number is configured for both.
+# validate_image writes status_shard = <status>#<0..STATUS_SHARDS-1> (lesion_common.manifest); the same number is
+# configured for both.
 STATUS_SHARDS = int(os.environ["STATUS_SHARDS"])
-STATUS_INDEX = "by-status-shard"
 
 s3 = boto3.client("s3")
 sagemaker = boto3.client("sagemaker")
@@ -89,34 +90,14 @@ def last_model_time(sm: Any, group: str) -> datetime | None:
 
 def validated_images(tbl: Any, shards: int | None = None) -> list[dict[str, Any]]:
     """All manifest items with status VALIDATED, through every shard of the by-status-shard index."""
-    return _items_with_status(tbl, "VALIDATED", shards=shards)
+    return items_with_status(tbl, VALIDATED, STATUS_SHARDS if shards is None else shards)
 
 
 def duplicate_links(tbl: Any, shards: int | None = None) -> list[dict[str, Any]]:
     """``image_id, lesion_id, duplicate_of`` of every DUPLICATE item: a picture already in the data under
     another id, which links its lesion to that picture's."""
-    return _items_with_status(tbl, "DUPLICATE", "image_id, lesion_id, duplicate_of", shards=shards)
-
-
-def _items_with_status(
-    tbl: Any, status: str, projection: str | None = None, shards: int | None = None
-) -> list[dict[str, Any]]:
-    """Every item of ``status``: each shard ``<status>#0`` .. ``<status>#<shards-1>`` queried to its last page."""
-    items: list[dict[str, Any]] = []
-    for shard in range(STATUS_SHARDS if shards is None else shards):
-        kwargs: dict[str, Any] = {
-            "IndexName": STATUS_INDEX,
-            "KeyConditionExpression": Key("status_shard").eq(f"{status}#{shard}"),
-        }
-        if projection:
-            kwargs["ProjectionExpression"] = projection
-        while True:
-            page = tbl.query(**kwargs)
-            items.extend(page["Items"])
-            if "LastEvaluatedKey" not in page:
-                break
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-    return items
+    return items_with_status(tbl, DUPLICATE, STATUS_SHARDS if shards is None else shards,
+                             "image_id, lesion_id, duplicate_of")
 
 
 def _parse_time(value: str) -> datetime:
@@ -247,14 +228,15 @@ def write_dataset(client: Any, rows: list[dict[str, Any]], classes: list[str], p
         writer.writerow(["image_id", "path", "label", "lesion_id"])
         for r in ordered:
             if r.get("split") == split:
-                writer.writerow([r["image_id"], r["key"].removeprefix("validated/"), r["label"], r["lesion_id"]])
+                writer.writerow([r["image_id"], path_under_validated(r["key"]), r["label"], r["lesion_id"]])
         client.put_object(Bucket=ARTIFACTS_BUCKET, Key=f"{prefix}{split}.csv", Body=buf.getvalue().encode())
     client.put_object(
         Bucket=ARTIFACTS_BUCKET,
         Key=f"{prefix}classes.json",
         Body=json.dumps({"label_set": LABEL_SET, "classes": classes}).encode(),
     )
-    manifest = [{"prefix": f"s3://{DATA_BUCKET}/validated/"}] + [r["key"].removeprefix("validated/") for r in ordered]
+    prefix_line = {"prefix": f"s3://{DATA_BUCKET}/{VALIDATED_PREFIX}"}
+    manifest = [prefix_line] + [path_under_validated(r["key"]) for r in ordered]
     client.put_object(Bucket=ARTIFACTS_BUCKET, Key=f"{prefix}images.manifest", Body=json.dumps(manifest).encode())
     return {
         "manifestsUri": f"s3://{ARTIFACTS_BUCKET}/{prefix}",
@@ -266,10 +248,7 @@ def write_dataset(client: Any, rows: list[dict[str, Any]], classes: list[str], p
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Assess the manifest; return the decision and, when enough, where the dataset was written."""
-    try:
-        req = CheckDataEvent.model_validate(event)
-    except ValidationError as err:
-        raise InvalidRequestError(f"invalid retraining request: {err}") from err
+    req = parse_event(CheckDataEvent, event, "invalid retraining request")
     classes = classes_for(LABEL_SET)
     since = last_model_time(sagemaker, MODEL_PACKAGE_GROUP)
     result = assess(validated_images(table), classes, since, req.request.force, duplicate_links(table))

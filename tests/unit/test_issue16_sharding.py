@@ -12,6 +12,7 @@ import pytest
 import yaml
 from moto import mock_aws
 
+from lesion_common.manifest import STATUS_INDEX
 from tests.unit.handlers import Context, load_handler
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,7 +75,7 @@ def test_no_index_is_keyed_by_status_alone() -> None:
             hash_key = next(k["AttributeName"] for k in index["KeySchema"] if k["KeyType"] == "HASH")
             assert hash_key != "status", f"{name}/{index['IndexName']} puts every write of a status on one partition"
     manifest = _tables()["ManifestTable"]
-    assert [i["IndexName"] for i in manifest["GlobalSecondaryIndexes"]] == ["by-status-shard"]
+    assert [i["IndexName"] for i in manifest["GlobalSecondaryIndexes"]] == [STATUS_INDEX]  # the one the code queries
     hashes = _tables()["HashIndexTable"]
     assert hashes["SSESpecification"]["SSEType"] == "KMS" and hashes["PointInTimeRecoverySpecification"]
     resources = _template()["Resources"]

@@ -210,7 +210,7 @@ def test_uploads_to_dataset(aws: None, monkeypatch: pytest.MonkeyPatch) -> None:
     assert out_a["image_id"] == "ISIC_9000001" and out_b["image_id"].startswith("ISIC_9000001-")
     assert out_a["validated_key"] != out_b["validated_key"]
     # The same picture under two names at the same moment: neither sees the other, both are VALIDATED.
-    monkeypatch.setattr(validate, "find_duplicate", lambda *args, **kwargs: None)
+    monkeypatch.setattr(validate.intake, "find_duplicate", lambda *args, **kwargs: None)
     out_c = _upload(validate, "incoming/site_a/bcc/ISIC_9000002.jpg", third)
     out_d = _upload(validate, "incoming/site_b/bcc/ISIC_9000003.jpg", third)
     assert out_c["outcome"] == out_d["outcome"] == "validated" and out_c["sha256"] == out_d["sha256"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -14,9 +13,6 @@ from typing import Any
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
-for _extra in (REPO / "layers" / "common", REPO / "layers" / "imaging"):
-    if str(_extra) not in sys.path:
-        sys.path.insert(0, str(_extra))
 
 SHARED = REPO.parent / "shared" / "data"
 NEGATIVES = SHARED / "negatives"

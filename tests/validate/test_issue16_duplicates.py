@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
+from lesion_imaging import hash_index
 from lesion_imaging.bands import BANDS, band_keys, guaranteed_radius, probe_keys
+from lesion_imaging.hash_index import BATCH_KEYS, BUCKET_SORT_KEY
 
 from .helpers import Cloud, sample_image_paths
 
@@ -61,12 +63,12 @@ def test_radius_is_what_the_bands_guarantee() -> None:
 
 
 def test_every_hash_within_the_radius_is_found_and_the_radius_is_tight(cloud: Cloud) -> None:
-    app, settings = cloud.app, cloud.app.SETTINGS
+    settings = cloud.app.SETTINGS
     rng = random.Random(16)
     stored = random_hash(rng)
-    app.update_band_index(cloud.ddb, settings, "ORIGINAL", stored, None)
+    hash_index.update_band_index(cloud.ddb, settings, "ORIGINAL", stored, None)
     for k in range(20):
-        app.update_band_index(cloud.ddb, settings, f"NOISE_{k}", random_hash(rng), None)
+        hash_index.update_band_index(cloud.ddb, settings, f"NOISE_{k}", random_hash(rng), None)
     width = 256 // BANDS
     for _trial in range(30):
         # The worst case for the index: the flips spread so that every band differs (2 bits in 7 bands, 1 in one).
@@ -75,20 +77,20 @@ def test_every_hash_within_the_radius_is_found_and_the_radius_is_tight(cloud: Cl
         bits = [b * width + o for b in bands[:-1] for o in rng.sample(range(width), 2)]
         bits.append(bands[-1] * width + rng.randrange(width))
         assert len(bits) == guaranteed_radius()
-        assert app.find_near_duplicate(cloud.ddb, settings, "NEW", flip(stored, bits)) == ("ORIGINAL", 15)
+        assert hash_index.find_near_duplicate(cloud.ddb, settings, "NEW", flip(stored, bits)) == ("ORIGINAL", 15)
     # Two bits in every band (16): no band is within a bit, so the index cannot see it (the radius is exact).
     bits = [b * width + o for b in range(BANDS) for o in (3, 17)]
-    assert app.find_near_duplicate(cloud.ddb, settings, "NEW", flip(stored, bits)) is None
+    assert hash_index.find_near_duplicate(cloud.ddb, settings, "NEW", flip(stored, bits)) is None
     # ... unless a band survives: 20 bits, all in three bands, is found (beyond the radius, within max_bits).
     bits = [b * width + o for b in (0, 1) for o in range(8)] + [2 * width + o for o in range(4)]
-    assert app.find_near_duplicate(cloud.ddb, settings, "NEW", flip(stored, bits)) == ("ORIGINAL", 20)
+    assert hash_index.find_near_duplicate(cloud.ddb, settings, "NEW", flip(stored, bits)) == ("ORIGINAL", 20)
     # Beyond max_bits (24) nothing is a duplicate, even when it shares a band.
     bits = [b * width + o for b in (0, 1, 2) for o in range(9)]
-    assert app.find_near_duplicate(cloud.ddb, settings, "NEW", flip(stored, bits)) is None
+    assert hash_index.find_near_duplicate(cloud.ddb, settings, "NEW", flip(stored, bits)) is None
 
 
 def test_reads_per_upload_do_not_grow_with_the_index(cloud: Cloud) -> None:
-    app, settings = cloud.app, cloud.app.SETTINGS
+    settings = cloud.app.SETTINGS
 
     def reads_for(index: int) -> tuple[int, int]:
         image_id, data = sample(index)
@@ -108,7 +110,7 @@ def test_reads_per_upload_do_not_grow_with_the_index(cloud: Cloud) -> None:
         for key in band_keys(h):
             buckets.setdefault(key, set()).add(f"{h}ARCHIVE_{k:05d}")
     requests = [
-        {"PutRequest": {"Item": {"pk": {"S": key}, "sk": {"S": app.BUCKET_SORT_KEY}, "members": {"SS": sorted(m)}}}}
+        {"PutRequest": {"Item": {"pk": {"S": key}, "sk": {"S": BUCKET_SORT_KEY}, "members": {"SS": sorted(m)}}}}
         for key, m in buckets.items()
     ]
     for start in range(0, len(requests), 25):
@@ -116,11 +118,10 @@ def test_reads_per_upload_do_not_grow_with_the_index(cloud: Cloud) -> None:
     large = reads_for(1)
     # 1 manifest GetItem + 3 BatchGetItem (264 bucket keys); no Query or Scan at any size.
     assert small == large
-    assert small[0] == 1 + -(-BANDS * 33 // app.BATCH_KEYS) == 4
+    assert small[0] == 1 + -(-BANDS * 33 // BATCH_KEYS) == 4
 
 
-def test_copies_at_the_same_instant_end_as_one_validated(cloud: Cloud, app: Any,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_copies_at_the_same_instant_end_as_one_validated(cloud: Cloud, monkeypatch: pytest.MonkeyPatch) -> None:
     # DynamoDB applies a conditional write to an item atomically and S3 takes concurrent PUTs of one key; moto
     # does neither safely across threads, so the test serialises those calls (each call, not the uploads), then
     # lets both uploads reach the claim together, 20 times.
@@ -134,7 +135,7 @@ def test_copies_at_the_same_instant_end_as_one_validated(cloud: Cloud, app: Any,
 
     monkeypatch.setattr(cloud.ddb, "update_item", serialised(cloud.ddb.update_item))
     monkeypatch.setattr(cloud.s3, "put_object", serialised(cloud.s3.put_object))
-    real_claim = app.claim_picture
+    real_claim = hash_index.claim_picture
     for round_ in range(20):
         image_id, data = sample(100 + round_)
         events = [cloud.put(f"incoming/site_{s}/{image_id}_{s}.jpg", data) for s in "ab"]
@@ -144,7 +145,7 @@ def test_copies_at_the_same_instant_end_as_one_validated(cloud: Cloud, app: Any,
             _barrier.wait()  # both have validated and read "no item": now both write
             return real_claim(*args, **kwargs)
 
-        monkeypatch.setattr(app, "claim_picture", claim_together)
+        monkeypatch.setattr(hash_index, "claim_picture", claim_together)
         outcomes: list[dict[str, Any]] = []
         errors: list[BaseException] = []
 
@@ -169,12 +170,11 @@ def test_copies_at_the_same_instant_end_as_one_validated(cloud: Cloud, app: Any,
         assert sorted(statuses) == ["DUPLICATE", "VALIDATED"]
 
 
-def test_forced_interleaving_the_second_writer_loses(cloud: Cloud, app: Any,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_forced_interleaving_the_second_writer_loses(cloud: Cloud, monkeypatch: pytest.MonkeyPatch) -> None:
     image_id, data = sample(130)
     event_a = cloud.put(f"incoming/a/{image_id}_A.jpg", data)
     event_b = cloud.put(f"incoming/b/{image_id}_B.jpg", data)
-    real_claim = app.claim_picture
+    real_claim = hash_index.claim_picture
     calls: list[str] = []
 
     def b_first(*args: Any, **kwargs: Any) -> Any:
@@ -183,17 +183,17 @@ def test_forced_interleaving_the_second_writer_loses(cloud: Cloud, app: Any,
             assert cloud.invoke(event_b)["outcome"] == "validated"
         return real_claim(*args, **kwargs)
 
-    monkeypatch.setattr(app, "claim_picture", b_first)
+    monkeypatch.setattr(hash_index, "claim_picture", b_first)
     out_a = cloud.invoke(event_a)
     assert (out_a["outcome"], out_a["duplicate_of"], out_a["duplicate_distance"]) == ("duplicate", f"{image_id}_B", 0)
     # Redelivered, both keep their outcome (the claim is the upload's own).
-    monkeypatch.setattr(app, "claim_picture", real_claim)
+    monkeypatch.setattr(hash_index, "claim_picture", real_claim)
     assert cloud.invoke(event_b)["outcome"] == "unchanged"
     assert cloud.invoke(event_a)["status"] == "DUPLICATE"
 
 
 def test_the_index_holds_validated_images_only_and_follows_a_replaced_upload(cloud: Cloud) -> None:
-    app, settings = cloud.app, cloud.app.SETTINGS
+    settings = cloud.app.SETTINGS
     (first_id, first), (_, second), (_, third) = sample(140), sample(141), sample(142)
     cloud.upload(f"incoming/x/{first_id}.jpg", first)
     copy = cloud.upload("incoming/x/COPY.jpg", first)
@@ -201,7 +201,7 @@ def test_the_index_holds_validated_images_only_and_follows_a_replaced_upload(clo
 
     def members(phash: str) -> set[str]:
         found: set[str] = set()
-        for item in app.read_buckets(cloud.ddb, settings.hash_table, band_keys(phash)):
+        for item in hash_index.read_buckets(cloud.ddb, settings.hash_table, band_keys(phash)):
             found |= {m[64:] for m in item.get("members", {}).get("SS", [])}
         return found
 
@@ -216,19 +216,20 @@ def test_the_index_holds_validated_images_only_and_follows_a_replaced_upload(clo
 
 
 def test_a_full_bucket_keeps_its_cap_and_the_image_stays_in_the_other_bands(cloud: Cloud) -> None:
-    app = cloud.app
-    settings = replace(app.SETTINGS, bucket_cap=3)
+    settings = replace(cloud.app.SETTINGS, bucket_cap=3)
     rng = random.Random(3)
     base = random_hash(rng)
     # Four hashes with the same first slice: the fourth does not fit that bucket.
     hashes = [base[:8] + random_hash(rng)[8:] for _ in range(4)]
-    for k, h in enumerate(hashes):
-        app.update_band_index(cloud.ddb, settings, f"IMG_{k}", h, None)
-    app.update_band_index(cloud.ddb, settings, "IMG_2", hashes[2], None)  # a redelivery into a full bucket: fine
-    first = app.read_buckets(cloud.ddb, settings.hash_table, [band_keys(hashes[0])[0]])[0]
+    for k, h in enumerate(hashes[:3]):
+        assert hash_index.update_band_index(cloud.ddb, settings, f"IMG_{k}", h, None) == []
+    # The fourth is left out of the full bucket, which is reported (the handler logs and counts HashBucketFull).
+    assert hash_index.update_band_index(cloud.ddb, settings, "IMG_3", hashes[3], None) == [band_keys(hashes[3])[0]]
+    hash_index.update_band_index(cloud.ddb, settings, "IMG_2", hashes[2], None)  # a redelivery into a full bucket: fine
+    first = hash_index.read_buckets(cloud.ddb, settings.hash_table, [band_keys(hashes[0])[0]])[0]
     assert {m[64:] for m in first["members"]["SS"]} == {"IMG_0", "IMG_1", "IMG_2"}
     # IMG_3 is still found through its other seven bands.
-    assert app.find_near_duplicate(cloud.ddb, settings, "NEW", flip(hashes[3], [0, 40])) == ("IMG_3", 2)
+    assert hash_index.find_near_duplicate(cloud.ddb, settings, "NEW", flip(hashes[3], [0, 40])) == ("IMG_3", 2)
 
 
 def test_a_copy_of_a_copy_is_a_duplicate(cloud: Cloud) -> None:

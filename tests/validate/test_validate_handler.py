@@ -273,14 +273,13 @@ def test_two_pictures_with_one_file_name_are_both_kept(cloud: Cloud) -> None:
     assert len(cloud.keys("validated/")) == 2
 
 
-def test_two_pictures_with_one_file_name_at_the_same_moment(cloud: Cloud, app: Any,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_pictures_with_one_file_name_at_the_same_moment(cloud: Cloud, monkeypatch: pytest.MonkeyPatch) -> None:
     # Both read "no item yet"; the conditional write lets only one take the name, the other takes its own id.
     name = "ISIC_5555556"
     (_, first), (_, second) = sample(72), sample(73)
     event_a = cloud.put(f"incoming/site_a/{name}.jpg", first)
     event_b = cloud.put(f"incoming/site_b/{name}.jpg", second)
-    real = app.find_duplicate
+    real = cloud.app.intake.find_duplicate
     calls: list[str] = []
 
     def interleaved(*args: Any, **kwargs: Any) -> Any:
@@ -289,7 +288,7 @@ def test_two_pictures_with_one_file_name_at_the_same_moment(cloud: Cloud, app: A
             assert cloud.invoke(event_a)["image_id"] == name
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(app, "find_duplicate", interleaved)
+    monkeypatch.setattr(cloud.app.intake, "find_duplicate", interleaved)  # the image flow's module
     out_b = cloud.invoke(event_b)
     other = f"{name}-{hashlib.sha256(second).hexdigest()[:12]}"
     assert calls == [name, name, other] and out_b["image_id"] == other
@@ -299,19 +298,19 @@ def test_two_pictures_with_one_file_name_at_the_same_moment(cloud: Cloud, app: A
     assert {i["status"] for i in items.values()} == {"VALIDATED"}
 
 
-def test_a_bad_picture_with_a_taken_file_name_at_the_same_moment(cloud: Cloud, app: Any,
+def test_a_bad_picture_with_a_taken_file_name_at_the_same_moment(cloud: Cloud,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     name = "ISIC_5555557"
     good, bad = sample(74)[1], b"not an image"
     event_good = cloud.put(f"incoming/site_a/{name}.jpg", good)
     event_bad = cloud.put(f"incoming/site_b/{name}.jpg", bad)
-    real = app.quarantine
+    real = cloud.app.intake.quarantine
 
     def interleaved(*args: Any, **kwargs: Any) -> Any:
         assert cloud.invoke(event_good)["image_id"] == name
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(app, "quarantine", interleaved)
+    monkeypatch.setattr(cloud.app.intake, "quarantine", interleaved)
     out = cloud.invoke(event_bad)
     assert out["outcome"] == "quarantined" and out["manifest_updated"] is True
     assert out["image_id"] == f"{name}-{hashlib.sha256(bad).hexdigest()[:12]}"
