@@ -4,15 +4,16 @@ Conventions: ``y_true`` is an int array of class indices, ``probs`` an ``(N, C)`
 quantities that are undefined (a class absent from the split) are ``nan`` here and ``null`` in JSON; macro means
 skip them. Melanoma decisions use a probability threshold on ``P(mel)`` chosen on the validation split; the
 predicted class is the arg-max of ``log(probs) + offsets`` (:func:`decide`), where the per-class decision offsets are
-chosen on the validation split too (:func:`fit_class_offsets`, or the search :func:`tune_class_bias`; all 0 gives the
-plain arg-max). Probability-based figures (ROC-AUC, calibration) use the probabilities themselves: the offsets move
-decisions, not probabilities.
+chosen on the validation split too (:func:`fit_class_offsets`; all 0 gives the plain arg-max).
+:func:`decide_on_validation` is the one procedure that chooses both for a model. Probability-based figures (ROC-AUC,
+calibration) use the probabilities themselves: the offsets move decisions, not probabilities.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -182,59 +183,6 @@ def apply_class_bias(probs: np.ndarray, bias: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def tune_class_bias(
-    y_true: np.ndarray,
-    probs: np.ndarray,
-    grid: Sequence[float] = tuple(np.round(np.arange(-1.5, 1.501, 0.1), 1)),
-    sweeps: int = 2,
-    min_gain: float = 0.002,
-    min_support: int = 10,
-    start: np.ndarray | None = None,
-) -> tuple[np.ndarray, float, float]:
-    """Per-class logit offsets that raise balanced accuracy (mean recall) on held-out data.
-
-    The multi-class counterpart of choosing a decision threshold on validation data: the arg-max of
-    ``logits + bias`` trades recall between classes. Coordinate ascent over ``grid``, ``sweeps`` passes over the
-    classes present in ``y_true``; a change is kept only when it gains at least ``min_gain`` (or gains nothing with
-    a smaller offset), so that a few borderline images of a small class do not move its offset. Classes with fewer
-    than ``min_support`` images keep their starting offset: their recall moves in steps too coarse to tune on.
-
-    ``start`` (default 0) is where the search starts and what ``grid`` is relative to: for a model trained with
-    the plain (unweighted) loss, ``-log(training prior)`` turns its posterior into the balanced-error decision
-    (logit adjustment), and the search refines it.
-
-    Returns
-    -------
-    (np.ndarray, float, float)
-        The ``(C,)`` offsets (0 for classes absent from ``y_true``), and the balanced accuracy before and after.
-    """
-    y = np.asarray(y_true, dtype=np.int64)
-    num_classes = probs.shape[1]
-    logp = _log_probs(probs)
-
-    def score(offsets: np.ndarray) -> float:
-        return _decided_balanced_accuracy(y, logp, offsets)
-
-    origin = np.zeros(num_classes) if start is None else np.asarray(start, dtype=np.float64)
-    bias = origin.copy()
-    initial = best = score(bias)
-    if math.isnan(initial):
-        return bias, initial, initial
-    for _ in range(sweeps):
-        changed = False
-        counts = np.bincount(y, minlength=num_classes)
-        for c in np.flatnonzero(counts >= min_support):
-            trial = bias.copy()
-            for v in grid:
-                trial[c] = origin[c] + v
-                s = score(trial)
-                if s >= best + min_gain or (s >= best and abs(v) < abs(bias[c] - origin[c])):
-                    best, bias[c], changed = s, origin[c] + v, True
-        if not changed:
-            break
-    return bias, initial, best
-
-
 def fit_class_offsets(
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -311,6 +259,66 @@ def fit_class_offsets(
     if len(free) == len(present):
         b[present] -= b[present].mean() - (0.0 if start is None else float(np.mean(np.asarray(start)[present])))
     return b, initial, score(b)
+
+
+@dataclass(frozen=True)
+class ValidationDecision:
+    """The decision rule chosen for one model on its validation split (what ``metrics.json`` records).
+
+    Attributes
+    ----------
+    melanoma_threshold : float
+        Threshold on ``P(mel)`` (:func:`at_risk`).
+    offsets : np.ndarray
+        ``(C,)`` decision offsets (:func:`decide`), rounded to 4 decimals as recorded and served; all 0 when none
+        were fitted.
+    balanced_accuracy_before, balanced_accuracy_after : float
+        Validation balanced accuracy of the decision at the starting offsets and at the fitted ones (equal when
+        none were fitted).
+    fitted : bool
+        Whether offsets were fitted.
+    """
+
+    melanoma_threshold: float
+    offsets: np.ndarray
+    balanced_accuracy_before: float
+    balanced_accuracy_after: float
+    fitted: bool
+
+
+def decide_on_validation(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    mel_index: int,
+    fit_offsets: bool,
+    start: np.ndarray | None = None,
+    target_sensitivity: float = 0.0,
+) -> ValidationDecision:
+    """Choose a model's decision rule on its validation split: the melanoma threshold and the class offsets.
+
+    The one procedure behind epoch selection, the new model's ``metrics.json`` and the baseline's figures, so
+    that all of them judge a model by the rule serving will apply to it.
+
+    Parameters
+    ----------
+    y_true, probs : np.ndarray
+        Validation truth ``(N,)`` and probabilities ``(N, C)``.
+    mel_index : int
+        Index of the melanoma class.
+    fit_offsets : bool
+        Fit the offsets (:func:`fit_class_offsets`, from ``start``); otherwise the plain arg-max.
+    start : np.ndarray, optional
+        Where the fit starts (e.g. ``-log(training prior)``, or the offsets a model was served with).
+    target_sensitivity : float
+        The threshold policy of :func:`choose_threshold`.
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    threshold = choose_threshold(y == mel_index, probs[:, mel_index], target_sensitivity)
+    if not fit_offsets:
+        plain = balanced_accuracy(confusion_matrix(y, decide(probs), probs.shape[1]))
+        return ValidationDecision(threshold, np.zeros(probs.shape[1]), plain, plain, False)
+    offsets, before, after = fit_class_offsets(y, probs, start=start)
+    return ValidationDecision(threshold, np.round(offsets, 4), before, after, True)
 
 
 def reliability_bins(

@@ -23,6 +23,10 @@ Variable                 Meaning (default)
 Hyperparameters come from ``hyperparameters.json`` (all values strings, as SageMaker writes them), then
 ``SM_HPS``, then command-line flags (``--epochs 3`` or ``--epochs=3``); later sources win. SageMaker's own keys
 (``sagemaker_*``, ``_tuning_objective_metric``) are ignored; any other unknown name is an error.
+
+Each hyperparameter is declared once, as a field of :class:`Config`: its type, its :class:`Kind` (how it reads
+from and writes back to SageMaker's string form), its default as SageMaker would pass it, its help and its range.
+Parsing (:func:`build_config`), :meth:`Config.as_strings` and :data:`HYPERPARAMETERS` all derive from that.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from lesionml.archs import ARCHITECTURES
 from lesionml.labels import LABEL_SETS
@@ -89,16 +93,6 @@ def _parse_image_size(v: str) -> tuple[int, int]:
     return h, w
 
 
-def _choice(*allowed: str) -> Callable[[str], str]:
-    def parse(v: str) -> str:
-        s = v.strip().lower()
-        if s not in allowed:
-            raise ValueError(f"expected one of {', '.join(allowed)}")
-        return s
-
-    return parse
-
-
 def _optional_label_set(v: str) -> str:
     s = v.strip().lower()
     if s and s not in LABEL_SETS:
@@ -123,158 +117,161 @@ def _auto_or_int(v: str) -> int:
     return n
 
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Kind(Generic[T]):
+    """How one type of hyperparameter reads from and writes back to SageMaker's string form."""
+
+    parse: Callable[[str], T]
+    format: Callable[[T], str] = str
+    # The reason given when ``parse`` fails without an "expected ..." message of its own.
+    hint: str = "malformed value"
+
+
+INT: Kind[int] = Kind(_parse_int, hint="expected an integer")
+FLOAT: Kind[float] = Kind(_parse_float, hint="expected a number")
+BOOL: Kind[bool] = Kind(_parse_bool, lambda b: "true" if b else "false")
+AUTO_INT: Kind[int] = Kind(_auto_or_int, lambda n: "auto" if n == -1 else str(n))  # "auto" is -1
+IMAGE_SIZE: Kind[tuple[int, int]] = Kind(_parse_image_size, lambda hw: f"{hw[1]}x{hw[0]}")
+LAYER_NAME: Kind[str] = Kind(_parse_layer_name)
+ARCH: Kind[str] = Kind(_arch)
+LABEL_SET: Kind[str] = Kind(_optional_label_set)
+
+
+def _choice(*allowed: str) -> Kind[str]:
+    def parse(v: str) -> str:
+        s = v.strip().lower()
+        if s not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return s
+
+    return Kind(parse)
+
+
 @dataclass(frozen=True)
 class HP:
-    """One hyperparameter: its parser, default (as SageMaker would pass it), range check and help."""
+    """One hyperparameter: its kind, default (as SageMaker would pass it), help and range check."""
 
-    parse: Callable[[str], Any]
+    kind: Kind[Any]
     default: str
     help: str
     check: Callable[[Any], bool] = lambda _: True
     check_msg: str = ""
 
 
-HYPERPARAMETERS: dict[str, HP] = {
-    "arch": HP(_arch, "efficientnet_lite0", "network architecture"),
-    "pretrained": HP(_parse_bool, "true", "start from local ImageNet weights (never downloaded)"),
-    "epochs": HP(_parse_int, "10", "maximum epochs", lambda v: 1 <= v <= 1000, "must be 1..1000"),
-    "batch_size": HP(_parse_int, "32", "training batch size per process", lambda v: 1 <= v <= 4096, "must be 1..4096"),
-    "eval_batch_size": HP(
-        _auto_or_int, "auto",
-        "images per forward pass in evaluation (a test-time-augmented model's views count as images); auto = 64 on "
-        "a GPU, 4 on a CPU, where small batches stay in cache: 2.2x faster than 64 on the 2-core machine",
-        lambda v: v == -1 or 1 <= v <= 4096, 'must be "auto" or 1..4096',
-    ),
-    "lr": HP(
-        _parse_float, "0.001", "peak learning rate of the head (AdamW)", lambda v: 0 < v <= 10, "must be in (0, 10]"
-    ),
-    "backbone_lr_scale": HP(
-        _parse_float, "0.3", "backbone learning rate = lr * this", lambda v: 0 < v <= 10, "must be in (0, 10]"
-    ),
-    "weight_decay": HP(_parse_float, "0.01", "AdamW weight decay", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    "warmup_epochs": HP(
-        _parse_float, "1", "linear warm-up epochs (repeated for the backbone once unfrozen)",
-        lambda v: v >= 0, "must be >= 0",
-    ),
-    "freeze_epochs": HP(
-        _parse_int, "1", "epochs training only the head on a frozen backbone", lambda v: v >= 0, "must be >= 0"
-    ),
-    "trainable_from": HP(
-        _parse_layer_name, "",
-        "first backbone layer that fine-tunes (e.g. net._blocks.3 for efficientnet_lite0, features.3 for "
-        "torchvision EfficientNets/MobileNets, layer2 for resnet50); the layers before it keep their ImageNet "
-        "weights. Empty: the whole backbone fine-tunes",
-    ),
-    "image_size": HP(_parse_image_size, "200x150", "model input, WIDTHxHEIGHT or a single number"),
-    "label_set": HP(_optional_label_set, "", "ham7 or isic8; empty takes the manifests' classes.json"),
-    "seed": HP(_parse_int, "42", "random seed"),
-    "patience": HP(
-        _parse_int, "5", "early stopping: epochs without better validation balanced accuracy (0 = off)",
-        lambda v: v >= 0, "must be >= 0",
-    ),
-    "num_workers": HP(_auto_or_int, "auto", "data loader worker processes"),
-    "amp": HP(_choice("auto", "true", "false", "bf16", "fp16"), "auto", "mixed precision: auto = bf16 where fast"),
-    "channels_last": HP(_parse_bool, "true", "NHWC memory format (faster convolutions on CPU and tensor cores)"),
-    "dry_run": HP(_parse_bool, "false", "one batch of each phase, one epoch, no checkpoints"),
-    "max_train_images": HP(
-        _parse_int, "0", "cap on training images, stratified (0 = all)", lambda v: v >= 0, "must be >= 0"
-    ),
-    "imbalance": HP(
-        _choice("loss", "sampler", "logit_adjusted", "none"),
-        "none",
-        "class-weighted loss, class-balanced sampling, logit-adjusted loss (cross-entropy on logits + log prior: the "
-        "model's own arg-max targets balanced accuracy), or plain cross-entropy (class_bias starts from -log prior)",
-    ),
-    "label_smoothing": HP(
-        _parse_float, "0.0", "cross-entropy label smoothing", lambda v: 0 <= v < 1, "must be in [0, 1)"
-    ),
-    "ema_decay": HP(
-        _parse_float, "0",
-        "per-step decay of an exponential moving average of the weights that is validated, selected and exported "
-        "instead of the raw weights (0 = off; e.g. 0.998 averages over roughly the last 500 steps)",
-        lambda v: 0 <= v < 1, "must be in [0, 1)",
-    ),
-    "dropout": HP(_parse_float, "0.2", "dropout before the classifier", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "min_crop_scale": HP(
-        _parse_float, "0.35", "smallest random-crop area fraction", lambda v: 0 < v <= 1, "must be in (0, 1]"
-    ),
-    "melanoma_target_sensitivity": HP(
-        _parse_float, "0", "threshold policy: 0 = Youden's J on validation, else the validation sensitivity to reach",
-        lambda v: 0 <= v < 1, "must be in [0, 1)",
-    ),
-    "class_bias": HP(
-        _choice("validation", "search", "none"),
-        "validation",
-        "per-class decision offsets (predicted class = arg-max of log p + offsets) chosen on the validation split: "
-        "validation = the offsets that minimise its class-balanced cross-entropy (a convex fit, starting from -log "
-        "prior with imbalance=none); search = coordinate ascent on its balanced accuracy; none = plain arg-max",
-    ),
-    "tta": HP(
-        _choice("dihedral", "none"),
-        "dihedral",
-        "test-time augmentation of the exported model: dihedral = model.ts averages its probabilities over the "
-        "label-preserving flips and turns of each image (4 views, 8 for a square input; that many times the "
-        "inference compute); the final validation/test metrics describe that model, epochs are selected on one view",
-    ),
-    "cache_images": HP(_choice("auto", "true", "false"), "auto", "keep decoded images in memory"),
-    "reference_max_images": HP(
-        _parse_int, "2000", "images used for reference_stats.json", lambda v: v >= 1, "must be >= 1"
-    ),
-    "threads": HP(_auto_or_int, "auto", "torch intra-op threads"),
-}
-
-_IGNORED_PREFIXES = ("sagemaker_", "_tuning_objective_metric", "_sagemaker")
+def _hp(
+    kind: Kind[T], default: str, help: str, check: Callable[[T], bool] | None = None, check_msg: str = ""
+) -> T:
+    """A :class:`Config` field declared once: the parsed default, and the :class:`HP` that reads and writes it."""
+    spec = HP(kind, default, help, check or (lambda _: True), check_msg)
+    return field(default=kind.parse(default), metadata={"hp": spec})
 
 
 @dataclass(frozen=True)
 class Config:
-    """Validated hyperparameters."""
+    """Validated hyperparameters, each declared once here: name, kind, default, help and range."""
 
-    arch: str
-    pretrained: bool
-    epochs: int
-    batch_size: int
-    eval_batch_size: int
-    lr: float
-    backbone_lr_scale: float
-    weight_decay: float
-    warmup_epochs: float
-    freeze_epochs: int
-    trainable_from: str
-    image_size: tuple[int, int]  # (height, width)
-    label_set: str
-    seed: int
-    patience: int
-    num_workers: int
-    amp: str
-    channels_last: bool
-    dry_run: bool
-    max_train_images: int
-    imbalance: str
-    label_smoothing: float
-    ema_decay: float
-    dropout: float
-    min_crop_scale: float
-    melanoma_target_sensitivity: float
-    class_bias: str
-    tta: str
-    cache_images: str
-    reference_max_images: int
-    threads: int
+    arch: str = _hp(ARCH, "efficientnet_lite0", "network architecture")
+    pretrained: bool = _hp(BOOL, "true", "start from local ImageNet weights (never downloaded)")
+    epochs: int = _hp(INT, "10", "maximum epochs", lambda v: 1 <= v <= 1000, "must be 1..1000")
+    batch_size: int = _hp(
+        INT, "32", "training batch size per process", lambda v: 1 <= v <= 4096, "must be 1..4096"
+    )
+    eval_batch_size: int = _hp(
+        AUTO_INT, "auto",
+        "images per forward pass in evaluation (a test-time-augmented model's views count as images); auto = 64 on "
+        "a GPU, 4 on a CPU, where small batches stay in cache: 2.2x faster than 64 on the 2-core machine",
+        lambda v: v == -1 or 1 <= v <= 4096, 'must be "auto" or 1..4096',
+    )
+    lr: float = _hp(
+        FLOAT, "0.001", "peak learning rate of the head (AdamW)", lambda v: 0 < v <= 10, "must be in (0, 10]"
+    )
+    backbone_lr_scale: float = _hp(
+        FLOAT, "0.3", "backbone learning rate = lr * this", lambda v: 0 < v <= 10, "must be in (0, 10]"
+    )
+    weight_decay: float = _hp(FLOAT, "0.01", "AdamW weight decay", lambda v: 0 <= v <= 1, "must be in [0, 1]")
+    warmup_epochs: float = _hp(
+        FLOAT, "1", "linear warm-up epochs (repeated for the backbone once unfrozen)", lambda v: v >= 0,
+        "must be >= 0",
+    )
+    freeze_epochs: int = _hp(
+        INT, "1", "epochs training only the head on a frozen backbone", lambda v: v >= 0, "must be >= 0"
+    )
+    trainable_from: str = _hp(
+        LAYER_NAME, "",
+        "first backbone layer that fine-tunes (e.g. net._blocks.3 for efficientnet_lite0, features.3 for "
+        "torchvision EfficientNets/MobileNets, layer2 for resnet50); the layers before it keep their ImageNet "
+        "weights. Empty: the whole backbone fine-tunes",
+    )
+    image_size: tuple[int, int] = _hp(IMAGE_SIZE, "200x150", "model input, WIDTHxHEIGHT or a single number")
+    label_set: str = _hp(LABEL_SET, "", "ham7 or isic8; empty takes the manifests' classes.json")
+    seed: int = _hp(INT, "42", "random seed")
+    patience: int = _hp(
+        INT, "5", "early stopping: epochs without better validation balanced accuracy (0 = off)",
+        lambda v: v >= 0, "must be >= 0",
+    )
+    num_workers: int = _hp(AUTO_INT, "auto", "data loader worker processes")
+    amp: str = _hp(
+        _choice("auto", "true", "false", "bf16", "fp16"), "auto", "mixed precision: auto = bf16 where fast"
+    )
+    channels_last: bool = _hp(BOOL, "true", "NHWC memory format (faster convolutions on CPU and tensor cores)")
+    dry_run: bool = _hp(BOOL, "false", "one batch of each phase, one epoch, no checkpoints")
+    max_train_images: int = _hp(
+        INT, "0", "cap on training images, stratified (0 = all)", lambda v: v >= 0, "must be >= 0"
+    )
+    imbalance: str = _hp(
+        _choice("sampler", "none"), "none",
+        "class-balanced sampling, or plain cross-entropy (class_bias then starts from -log prior). The class-"
+        "weighted and logit-adjusted losses measured worse and were removed (benchmarks/training/RESULTS.md)",
+    )
+    label_smoothing: float = _hp(
+        FLOAT, "0.0", "cross-entropy label smoothing", lambda v: 0 <= v < 1, "must be in [0, 1)"
+    )
+    ema_decay: float = _hp(
+        FLOAT, "0",
+        "per-step decay of an exponential moving average of the weights that is validated, selected and exported "
+        "instead of the raw weights (0 = off; e.g. 0.998 averages over roughly the last 500 steps)",
+        lambda v: 0 <= v < 1, "must be in [0, 1)",
+    )
+    dropout: float = _hp(
+        FLOAT, "0.2", "dropout before the classifier", lambda v: 0 <= v < 1, "must be in [0, 1)"
+    )
+    min_crop_scale: float = _hp(
+        FLOAT, "0.35", "smallest random-crop area fraction", lambda v: 0 < v <= 1, "must be in (0, 1]"
+    )
+    melanoma_target_sensitivity: float = _hp(
+        FLOAT, "0", "threshold policy: 0 = Youden's J on validation, else the validation sensitivity to reach",
+        lambda v: 0 <= v < 1, "must be in [0, 1)",
+    )
+    class_bias: str = _hp(
+        _choice("validation", "none"), "validation",
+        "per-class decision offsets (predicted class = arg-max of log p + offsets) chosen on the validation split: "
+        "validation = the offsets that minimise its class-balanced cross-entropy (a convex fit, starting from -log "
+        "prior with imbalance=none); none = plain arg-max",
+    )
+    tta: str = _hp(
+        _choice("dihedral", "none"), "dihedral",
+        "test-time augmentation of the exported model: dihedral = model.ts averages its probabilities over the "
+        "label-preserving flips and turns of each image (4 views, 8 for a square input; that many times the "
+        "inference compute); the final validation/test metrics describe that model, epochs are selected on one view",
+    )
+    cache_images: str = _hp(_choice("auto", "true", "false"), "auto", "keep decoded images in memory")
+    reference_max_images: int = _hp(
+        INT, "2000", "images used for reference_stats.json", lambda v: v >= 1, "must be >= 1"
+    )
+    threads: int = _hp(AUTO_INT, "auto", "torch intra-op threads")
 
     def as_strings(self) -> dict[str, str]:
         """Hyperparameters as SageMaker would pass them (for metrics.json and checkpoints)."""
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name == "image_size":
-                v = f"{v[1]}x{v[0]}"
-            elif isinstance(v, bool):
-                v = str(v).lower()
-            elif f.name in ("num_workers", "threads", "eval_batch_size") and v == -1:
-                v = "auto"
-            out[f.name] = str(v)
-        return out
+        return {name: hp.kind.format(getattr(self, name)) for name, hp in HYPERPARAMETERS.items()}
+
+
+# Declaration order: the order of as_strings() and of metrics.json's hyperparameters.
+HYPERPARAMETERS: dict[str, HP] = {f.name: f.metadata["hp"] for f in fields(Config)}
+
+_IGNORED_PREFIXES = ("sagemaker_", "_tuning_objective_metric", "_sagemaker")
 
 
 def _unquote(value: Any) -> str:
@@ -333,22 +330,14 @@ def build_config(*sources: Mapping[str, Any]) -> Config:
     values: dict[str, Any] = {}
     for name, hp in HYPERPARAMETERS.items():
         try:
-            v = hp.parse(raw[name])
+            v = hp.kind.parse(raw[name])
         except (ValueError, TypeError) as e:
-            reason = str(e) if str(e).startswith("expected") else _type_hint(hp)
+            reason = str(e) if str(e).startswith("expected") else hp.kind.hint
             raise ConfigError(f"hyperparameter {name}={raw[name]!r} is invalid: {reason}") from None
         if not hp.check(v):
             raise ConfigError(f"hyperparameter {name}={raw[name]!r} is invalid: {hp.check_msg}")
         values[name] = v
     return Config(**values)
-
-
-def _type_hint(hp: HP) -> str:
-    if hp.parse is _parse_int:
-        return "expected an integer"
-    if hp.parse is _parse_float:
-        return "expected a number"
-    return "malformed value"
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,13 @@
-"""Manifests, image loading, dermoscopy augmentation and datasets."""
+"""The job's data: channels and manifests, image loading, dermoscopy augmentation, datasets and loaders."""
 
 from __future__ import annotations
 
 import csv
 import json
 import logging
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +16,12 @@ from typing import TypeVar
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lesionml.labels import class_index, classes_for, parse_classes_document
+from lesionml.labels import class_index, classes_for, melanoma_index, parse_classes_document
 from lesionml.preprocessing import PreprocessingSpec, crop_box_for_aspect, load_image, normalise, resize_for_model
 from lesionml.reference_stats import image_statistics
-from training_image.config import ConfigError
+from training_image.config import Config, ConfigError, Paths
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -305,3 +306,70 @@ def balanced_weights(counts: np.ndarray) -> np.ndarray:
     w = np.zeros(len(counts), dtype=np.float64)
     w[present] = counts.sum() / (present.sum() * counts[present])
     return w
+
+
+@dataclass
+class Data:
+    """Everything read from the channels."""
+
+    label_set: str
+    classes: tuple[str, ...]
+    train: list[Sample]
+    validation: list[Sample]
+    test: list[Sample]
+
+
+def load_data(cfg: Config, paths: Paths) -> Data:
+    """Read and validate the manifests and images channels."""
+    manifests = paths.channel("manifests")
+    images = paths.channel("images")
+    if manifests is None:
+        raise ConfigError(f"channel 'manifests' not found (SM_CHANNEL_MANIFESTS or {paths.data_dir / 'manifests'})")
+    if images is None:
+        raise ConfigError(f"channel 'images' not found (SM_CHANNEL_IMAGES or {paths.data_dir / 'images'})")
+    label_set, classes = read_classes(manifests, cfg.label_set)
+    splits = {s: read_manifest(manifests / f"{s}.csv", images, label_set) for s in SPLITS}
+    train = stratified_cap(splits["train"], cfg.max_train_images, cfg.seed)
+    counts = class_counts(train, len(classes))
+    absent = [c for c, n in zip(classes, counts, strict=True) if n == 0]
+    if absent:
+        log.warning("no training images for class(es) %s", ", ".join(absent))
+    if int(counts[melanoma_index(label_set)]) == 0:
+        log.warning("no melanoma in the training split: melanoma metrics will be meaningless")
+    return Data(label_set, classes, train, splits["validation"], splits["test"])
+
+
+def make_loader(
+    dataset: Dataset[tuple[torch.Tensor, int]], batch_size: int, sampler: Sampler[int] | None,
+    workers: int, device: torch.device, drop_last: bool = False,
+) -> DataLoader[tuple[torch.Tensor, int]]:
+    """The job's DataLoader: pinned memory on CUDA, workers started afresh each pass."""
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+        drop_last=drop_last, persistent_workers=False,
+    )
+
+
+class ShardedSampler(Sampler[int]):
+    """Per-epoch sampler, identical for a given (seed, epoch) and split across DDP ranks.
+
+    With ``weights`` (``imbalance=sampler``) it draws with replacement in proportion to them; otherwise it shuffles.
+    """
+
+    def __init__(self, n: int, weights: np.ndarray | None, seed: int, rank: int, world: int) -> None:
+        self.n, self.weights, self.seed, self.rank, self.world = n, weights, seed, rank, world
+        self.epoch = 0
+        self.per_rank = math.ceil(n / world)
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        total = self.per_rank * self.world
+        if self.weights is not None:
+            idx = torch.multinomial(torch.as_tensor(self.weights, dtype=torch.double), total, True, generator=g)
+        else:
+            perm = torch.randperm(self.n, generator=g)
+            idx = torch.cat([perm, perm[: total - self.n]])
+        return iter(idx[self.rank :: self.world].tolist())

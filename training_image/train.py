@@ -129,9 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if rc != 0 and not paths.failure_file.exists():
                 write_failure(paths, f"distributed training exited with status {rc}")
             return rc
-        from training_image.trainer import Trainer
+        from training_image.trainer import run
 
-        Trainer(cfg, paths, cluster).run()
+        run(cfg, paths, cluster)
         return 0
     except ConfigError as e:
         log.error("%s", e)

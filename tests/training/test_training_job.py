@@ -210,7 +210,7 @@ def test_missing_channel_fails_cleanly(job_factory: Callable[..., Path]) -> None
 
 
 def test_killed_job_resumes_from_the_latest_checkpoint(job_factory: Callable[..., Path]) -> None:
-    # Class-balanced sampling here, so that path runs too (the other jobs use the class-weighted loss).
+    # Class-balanced sampling here, so that path runs too (the other jobs use plain cross-entropy).
     # And a weight average, which must carry on across the restart rather than start over.
     hps = {**FAST_HPS, "epochs": "3", "imbalance": "sampler", "ema_decay": "0.9"}
     base = job_factory("resume", hps, per_class=(3, 2, 2))
@@ -249,7 +249,7 @@ def test_the_weight_average_is_validated_and_exported(job_factory: Callable[...,
 
 
 def test_weight_average_follows_its_decay_ramp() -> None:
-    from training_image.trainer import WeightEma
+    from training_image.ema import WeightEma
 
     net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     ema = WeightEma(net, 0.9)
@@ -274,7 +274,7 @@ def test_two_processes_under_torchrun_rank0_writes(job_factory: Callable[..., Pa
     # With trainable_from, DDP must be built after the early layers are frozen, or the ranks wait for gradients
     # that never come.
     hps = {**FAST_HPS, "epochs": "2", "freeze_epochs": "0", "arch": "efficientnet_lite0", "pretrained": "true",
-           "trainable_from": "net._blocks.3", "imbalance": "logit_adjusted", "class_bias": "search"}
+           "trainable_from": "net._blocks.3"}
     base = job_factory("ddp", hps, per_class=(4, 2, 2))
     proc = run_train(base, env={"SM_NUM_GPUS": "2", "SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-1"})
     assert proc.returncode == 0, _fail(proc)
@@ -293,16 +293,3 @@ def test_two_processes_under_torchrun_rank0_writes(job_factory: Callable[..., Pa
     assert frozen and tuned
     assert all(torch.equal(trained[k], pretrained[k]) for k in frozen if "num_batches" not in k)
     assert not any(torch.equal(trained[k], pretrained[k]) for k in tuned)
-
-
-def test_logit_adjusted_loss_is_cross_entropy_on_prior_shifted_logits() -> None:
-    from training_image.trainer import LogitAdjustedLoss
-
-    counts = np.array([70, 20, 10])
-    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
-    target = torch.tensor([1, 2])
-    loss = LogitAdjustedLoss(counts)(logits, target)
-    shifted = logits + torch.log(torch.tensor([0.7, 0.2, 0.1]))
-    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(shifted, target))
-    # The rare class's logit must beat the common one's by more than their log-prior gap to win the loss.
-    assert loss > torch.nn.functional.cross_entropy(logits, target)

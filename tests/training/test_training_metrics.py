@@ -94,7 +94,7 @@ def test_class_bias_raises_balanced_accuracy_and_matches_a_shifted_softmax() -> 
     logits[np.arange(2000), y] += 1.5
     logits[:, 0] += 1.2  # a model leaning towards the majority class: rare classes lose recall
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    bias, before, after = M.tune_class_bias(y, probs)
+    bias, before, after = M.fit_class_offsets(y, probs)
     assert after >= before + 0.05
     assert bias[0] < 0  # the majority class gives way
     adjusted = M.apply_class_bias(probs, bias)
@@ -111,7 +111,7 @@ def test_decision_offsets_move_class_figures_not_probability_figures() -> None:
     logits[np.arange(2000), y] += 1.5
     logits[:, 0] += 1.2
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    offsets, _, after = M.tune_class_bias(y, probs)
+    offsets, _, after = M.fit_class_offsets(y, probs)
     np.testing.assert_array_equal(M.decide(probs, offsets), M.apply_class_bias(probs, offsets).argmax(axis=1))
     np.testing.assert_array_equal(M.decide(probs, np.zeros(4)), probs.argmax(axis=1))
     classes = ["a", "b", "c", "mel"]
@@ -146,19 +146,23 @@ def test_fitted_offsets_give_every_class_the_same_balanced_mean_probability() ->
     assert kept[3] == 0.7 and kept[0] < kept[1]
 
 
-def test_class_bias_stays_zero_without_a_real_gain() -> None:
-    # A perfectly separable split: nothing to gain, so no offset moves away from 0.
-    y = np.array([0, 0, 1, 1, 2, 2])
-    probs = np.eye(3)[y] * 0.9 + 0.1 / 3
-    bias, before, after = M.tune_class_bias(y, probs, min_support=1)
-    assert before == after == 1.0
-    assert not bias.any()
-
-
-def test_class_bias_leaves_classes_with_few_images_alone() -> None:
-    rng = np.random.default_rng(1)
-    y = np.r_[np.zeros(200, dtype=np.int64), np.ones(5, dtype=np.int64)]
-    probs = np.c_[rng.uniform(0.5, 0.9, 205), np.zeros(205)]
-    probs[:, 1] = 1 - probs[:, 0]  # class 1 is never predicted: an offset would help, but 5 images are too few
-    bias, before, after = M.tune_class_bias(y, probs, min_support=10)
-    assert bias[1] == 0.0 and before == after == 0.5
+def test_decide_on_validation_chooses_threshold_and_offsets_as_recorded() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.choice(4, 2000, p=[0.7, 0.15, 0.1, 0.05])
+    logits = rng.normal(0.0, 1.0, (2000, 4))
+    logits[np.arange(2000), y] += 1.5
+    logits[:, 0] += 1.2
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    start = np.array([-0.5, 0.2, 0.3, 0.0])
+    fitted = M.decide_on_validation(y, probs, 3, fit_offsets=True, start=start, target_sensitivity=0.8)
+    offsets, before, after = M.fit_class_offsets(y, probs, start=start)
+    assert fitted.fitted and (fitted.balanced_accuracy_before, fitted.balanced_accuracy_after) == (before, after)
+    np.testing.assert_array_equal(fitted.offsets, np.round(offsets, 4))  # as metrics.json records them
+    assert fitted.melanoma_threshold == M.choose_threshold(y == 3, probs[:, 3], 0.8)
+    # Without a fit: the plain arg-max, whatever the start.
+    plain = M.decide_on_validation(y, probs, 3, fit_offsets=False, start=start)
+    assert not plain.fitted and not plain.offsets.any()
+    assert plain.balanced_accuracy_before == plain.balanced_accuracy_after == pytest.approx(
+        M.balanced_accuracy(M.confusion_matrix(y, probs.argmax(axis=1), 4))
+    )
+    assert plain.melanoma_threshold == M.choose_threshold(y == 3, probs[:, 3])
