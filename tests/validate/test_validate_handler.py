@@ -543,3 +543,33 @@ def test_versioned_bucket_events_are_pinned_to_their_version(cloud: Cloud) -> No
     assert cloud.invoke(event)["outcome"] == "validated"
     assert cloud.item("ISIC_7777777")["status"] == "VALIDATED"  # type: ignore[index]
     assert image_id != "ISIC_7777777"
+
+
+def test_isic_training_metadata_sets_lesions_and_splits(cloud: Cloud) -> None:
+    image_id, data = sample(53)
+    cloud.upload(f"incoming/isic2019/{image_id}.jpg", data)
+    assert cloud.items()[image_id]["lesion_id"] == image_id  # no lesion known yet
+    lesion = "MSK4_0011173"
+    text = ("image,age_approx,anatom_site_general,lesion_id,sex\n"
+            f"{image_id},45.0,lower extremity,{lesion},male\n"
+            "ISIC_0000009,55.0,anterior torso,,female\n"  # no lesion: nothing to set
+            "ISIC_0000010,60.0,back,BCN_0000001,male\n").encode()
+    out = cloud.upload("incoming/isic2019/ISIC_2019_Training_Metadata.csv", text)
+    assert out["lesions_applied"] == 2 and out["skipped"] == {}
+    items = cloud.items()
+    assert (items[image_id]["lesion_id"], items[image_id]["split"]) == (lesion, assign_split(lesion))
+    assert items[image_id]["status"] == "VALIDATED"  # the picture's record is kept
+    assert items["ISIC_0000010"]["status"] == "LABEL_ONLY" and "label" not in items["ISIC_0000010"]
+    assert "ISIC_0000009" not in items
+
+
+def test_an_unmapped_archive_diagnosis_is_reported_by_name(cloud: Cloud) -> None:
+    text = (b"isic_id,diagnosis_1,diagnosis_2,diagnosis_3,lesion_id\n"
+            b"ISIC_0000011,Benign,Benign melanocytic proliferations,Nevus,IL_1\n"
+            b"ISIC_0000012,Benign,Benign soft tissue proliferations - Fibro-histiocytic,Scar,IL_2\n")
+    key = "incoming/archive/metadata.csv"
+    out = cloud.upload(key, text)
+    assert out["applied"] == 1 and out["skipped"] == {"unmapped_diagnosis": 1}
+    reason = assert_quarantined(cloud, key, text, "rows_rejected")
+    assert reason["rejected_rows"] == [{"line": 3, "image_id": "ISIC_0000012", "reason": "unmapped_diagnosis",
+                                        "detail": "Scar"}]

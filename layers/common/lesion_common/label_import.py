@@ -14,7 +14,7 @@ from typing import Any, Final
 from aws_lambda_powertools import Logger
 
 from lesion_common.labels import DuplicateColumnError, LabelRow, MetadataFormatError, parse_metadata_csv
-from lesion_common.manifest import record_label, utc_now
+from lesion_common.manifest import record_label, record_lesion, utc_now
 from lesion_common.upload_objects import fetch, quarantine
 from lesion_common.uploads import Outcome, Upload
 
@@ -60,16 +60,25 @@ def import_labels(
         return {"outcome": "quarantined", "key": fetched.key, "reason_code": rows[0]}
 
     good = [r for r in rows if r.ok and r.label is not None]
+    lesions = [r for r in rows if r.ok and r.label is None and r.lesion_id]  # a file of lesion ids only
     bad = [r for r in rows if not r.ok]
+
+    def apply(r: LabelRow) -> None:
+        if r.label is not None:
+            record_label(ddb, table, label_set, fetched.key, r.image_id, r.label, r.lesion_id)
+        else:
+            record_lesion(ddb, table, fetched.key, r.image_id, str(r.lesion_id))
+
     with ThreadPoolExecutor(max_workers=CSV_WORKERS) as pool:
         # list() so that the first failed write raises here, and Lambda retries the whole (idempotent) file.
-        list(pool.map(lambda r: record_label(ddb, table, label_set, fetched.key, r.image_id, str(r.label),
-                                             r.lesion_id), good))
+        list(pool.map(apply, good + lesions))
     skipped: dict[str, int] = {}
     for r in bad:
         skipped[str(r.skip_reason)] = skipped.get(str(r.skip_reason), 0) + 1
     outcome: Outcome = {"outcome": "labels", "key": fetched.key, "rows": len(rows), "applied": len(good),
                         "skipped": skipped}
+    if lesions:
+        outcome["lesions_applied"] = len(lesions)
     if bad:
         outcome["quarantine_key"] = reject(
             "rows_rejected",
@@ -79,7 +88,8 @@ def import_labels(
                 "applied_rows": len(good),
                 "rejected_row_count": len(bad),
                 "rejected_rows": [
-                    {"line": r.line, "image_id": r.image_id, "reason": r.skip_reason} for r in bad[:MAX_REPORTED_ROWS]
+                    {"line": r.line, "image_id": r.image_id, "reason": r.skip_reason,
+                     **({"detail": r.detail} if r.detail else {})} for r in bad[:MAX_REPORTED_ROWS]
                 ],
             },
         )

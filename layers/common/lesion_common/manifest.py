@@ -62,6 +62,7 @@ class ManifestItem(TypedDict, total=False):
     label: str  # class code
     label_set: str
     label_source: str  # the label file that set the label
+    lesion_source: str  # the file of lesion ids (ISIC 2019 training metadata) that set the lesion
     lesion_id: str  # the group the split is assigned by; the image id when no label file named a lesion
     split: str  # train / validation / test (lesion_common.splits.assign_split of the lesion)
     duplicate_of: str  # DUPLICATE: the image id it copies
@@ -342,4 +343,12 @@ def record_label(
     target = values if lesion is not None else absent
     target["lesion_id"] = lesion or image_id
     target["split"] = assign_split(lesion or image_id)
+    client.update_item(TableName=table, Key=_key(image_id), **build_update(values, absent))
+
+
+def record_lesion(client: Any, table: str, label_file: str, image_id: str, lesion: str) -> None:
+    """Set the lesion (and so the split) a file of lesion ids gives an image, without a label (ISIC 2019 training
+    metadata); an image not seen yet gets a LABEL_ONLY item, labelled when its ground truth arrives."""
+    values: ManifestItem = {"lesion_id": lesion, "split": assign_split(lesion), "lesion_source": label_file}
+    absent: ManifestItem = {"status": LABEL_ONLY, "source": source_for(label_file)}
     client.update_item(TableName=table, Key=_key(image_id), **build_update(values, absent))
