@@ -63,9 +63,13 @@ lint: $(VENV)/.stamp
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-## Fast tests: everything except the end-to-end runs (real training) and the tests that need the SAM/Node tools.
+## Fast tests (under a minute): everything but the end-to-end runs, the tests that need the SAM/Node tools and the
+## slow ones (real training, serving processes, real data: the `slow` marker, tests/conftest.py). `make test` runs all.
+## Bytecode (and pytest's rewritten test modules) is cached outside the tree, in .pytest_cache/pycache: compiling it
+## again on every run costs more than a third of the run.
 unit: $(VENV)/.stamp
-	$(PY) -m pytest -q -m "not e2e and not tools"
+	PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX="$(CURDIR)/.pytest_cache/pycache" \
+	  $(PY) -m pytest -q -n 2 -m "not e2e and not tools and not slow"
 
 ## First deployment (README, "First deployment"): preflight, images, deploy.
 CONFIG_ENV ?= default
@@ -90,9 +94,14 @@ deploy: $(SAM_VENV)/.stamp
 	  echo "sam deploy --config-env $(CONFIG_ENV) $$args"; \
 	  eval "$(SAM_VENV)/bin/sam deploy --config-env $(CONFIG_ENV) $$args"
 
-## The handler cold-start benchmark; the others need data, Docker or minutes each: see benchmarks/README.md.
+## The benchmarks that need nothing but this checkout: handler cold start and local mode's startup (each writes
+## its figures down; the run fails if a target is missed). benchmarks/README.md lists all of them; the others need
+## ../shared/data, Docker, the SAM CLI or many minutes.
 bench: $(VENV)/.stamp
-	$(PY) -m benchmarks.cold_start --repeats 5
+	status=0; \
+	  $(PY) -m benchmarks.cold_start --repeats 5 || status=1; \
+	  $(PY) -m benchmarks.localmode.startup --repeats 3 || status=1; \
+	  exit $$status
 
 clean:
 	rm -rf $(VENV) $(SAM_VENV) $(CHECKOV_VENV) node_modules .aws-sam .local

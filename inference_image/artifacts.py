@@ -114,6 +114,52 @@ def _decision_offsets(metrics: Any, classes: tuple[str, ...], root: Path) -> tup
     return tuple(values) if any(values) else None
 
 
+def _classes(classes_doc: Any, root: Path) -> tuple[str, tuple[str, ...]]:
+    """``classes.json``'s label set and class order: at least two distinct classes, in the label set's order."""
+    try:
+        label_set = str(classes_doc["label_set"])
+        classes = tuple(str(c) for c in classes_doc["classes"])
+    except (KeyError, TypeError) as e:
+        raise ModelDirError(f"classes.json in {root} lacks label_set/classes: {e}") from None
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise ModelDirError(f"classes.json in {root} must list at least two distinct classes, got {list(classes)}")
+    try:
+        # The output order is the label set's (docs/contracts.md): classes reordered, even in every file alike,
+        # would swap the answers.
+        parse_classes_document(classes_doc)
+    except ValueError as e:
+        raise ModelDirError(f"classes.json in {root}: {e}") from None
+    return label_set, classes
+
+
+def _melanoma_threshold(metrics: Any, classes: tuple[str, ...], root: Path) -> float | None:
+    """``metrics.json``'s ``melanoma_threshold`` in [0, 1], required when the label set has ``mel``."""
+    if MELANOMA not in classes:
+        return None
+    raw = metrics.get("melanoma_threshold") if isinstance(metrics, dict) else None
+    if not isinstance(raw, (int, float)) or not 0.0 <= float(raw) <= 1.0:
+        raise ModelDirError(f"metrics.json in {root} has no melanoma_threshold in [0, 1] (got {raw!r})")
+    return float(raw)
+
+
+def _check_reference(reference: Any, root: Path) -> None:
+    """``reference_stats.json`` holds the embedding statistics (of one width) and every image statistic."""
+    try:
+        emb = reference["embedding"]
+        dim = int(emb["dim"])
+        if len(emb["mean"]) != dim or len(emb["std"]) != dim:
+            raise ValueError("embedding mean/std length differs from dim")
+        comps = emb["pca"]["components"]
+        if not comps or any(len(c) != dim for c in comps):
+            raise ValueError("PCA components do not have the embedding width")
+        for stat in ("brightness", "contrast", "red_mean", "green_mean", "blue_mean", "saturation"):
+            q = reference["image"][stat]["quantiles"]
+            for key in ("p01", "p50", "p99"):
+                float(q[key])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelDirError(f"reference_stats.json in {root} is incomplete: {type(e).__name__}: {e}") from None
+
+
 def load_artifacts(
     model_dir: str | Path, version: str | None = None, manifest_sha256: str | None = None
 ) -> ModelArtifacts:
@@ -151,47 +197,14 @@ def load_artifacts(
     classes_doc = _read_json(root / "classes.json")
     metrics = _read_json(root / "metrics.json")
     reference = _read_json(root / "reference_stats.json")
-    try:
-        label_set = str(classes_doc["label_set"])
-        classes = tuple(str(c) for c in classes_doc["classes"])
-    except (KeyError, TypeError) as e:
-        raise ModelDirError(f"classes.json in {root} lacks label_set/classes: {e}") from None
-    if len(classes) < 2 or len(set(classes)) != len(classes):
-        raise ModelDirError(f"classes.json in {root} must list at least two distinct classes, got {list(classes)}")
-    try:
-        # The output order is the label set's (docs/contracts.md): classes reordered, even in every file alike,
-        # would swap the answers.
-        parse_classes_document(classes_doc)
-    except ValueError as e:
-        raise ModelDirError(f"classes.json in {root}: {e}") from None
+    label_set, classes = _classes(classes_doc, root)
     for name, doc in (("metrics.json", metrics), ("reference_stats.json", reference)):
         other = doc.get("classes") if isinstance(doc, dict) else None
         if other is not None and tuple(other) != classes:
             raise ModelDirError(f"{name} classes {other} differ from classes.json {list(classes)}")
-
-    threshold: float | None = None
-    if MELANOMA in classes:
-        raw = metrics.get("melanoma_threshold") if isinstance(metrics, dict) else None
-        if not isinstance(raw, (int, float)) or not 0.0 <= float(raw) <= 1.0:
-            raise ModelDirError(f"metrics.json in {root} has no melanoma_threshold in [0, 1] (got {raw!r})")
-        threshold = float(raw)
-
+    threshold = _melanoma_threshold(metrics, classes, root)
     offsets = _decision_offsets(metrics, classes, root)
-
-    try:
-        emb = reference["embedding"]
-        dim = int(emb["dim"])
-        if len(emb["mean"]) != dim or len(emb["std"]) != dim:
-            raise ValueError("embedding mean/std length differs from dim")
-        comps = emb["pca"]["components"]
-        if not comps or any(len(c) != dim for c in comps):
-            raise ValueError("PCA components do not have the embedding width")
-        for stat in ("brightness", "contrast", "red_mean", "green_mean", "blue_mean", "saturation"):
-            q = reference["image"][stat]["quantiles"]
-            for key in ("p01", "p50", "p99"):
-                float(q[key])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelDirError(f"reference_stats.json in {root} is incomplete: {type(e).__name__}: {e}") from None
+    _check_reference(reference, root)
 
     try:
         known = tuple(read_known_answers(root, classes))

@@ -174,6 +174,53 @@ def _fast_jpeg(data: bytes, max_pixels: int, target_size: tuple[int, int] | None
     return DecodedImage(pixels, "JPEG", "RGB", width, height, [])
 
 
+def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """Open (header only) an image of an allowed format whose claimed size is within ``max_pixels``."""
+    try:
+        im: Image.Image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageRequestError(413, "image_too_large", f"decompression bomb refused: {e}") from None
+    except UnidentifiedImageError:
+        raise ImageRequestError(
+            400, "not_an_image", f"not a readable image (supported: {', '.join(ALLOWED_FORMATS)})"
+        ) from None
+    except _DECODE_ERRORS as e:
+        raise ImageRequestError(400, "corrupt_image", f"unreadable image header: {type(e).__name__}: {e}") from None
+    width, height = im.size
+    if width < 1 or height < 1:
+        raise ImageRequestError(400, "corrupt_image", f"header gives an empty size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageRequestError(
+            413, "image_too_large", f"{width}x{height} = {width * height} pixels, limit {max_pixels} (refused "
+            "before decoding)"
+        )
+    return im
+
+
+def _load_pixels(im: Image.Image, source_format: str, target_size: tuple[int, int] | None,
+                 conversions: list[str]) -> None:
+    """Decode the pixel data (a large JPEG at a reduced scale); refuse truncated or damaged data."""
+    if target_size is not None and source_format in ("JPEG", "MPO"):
+        # Square request: the EXIF rotation is applied after decoding, so either side may become the width.
+        side = DRAFT_MARGIN * max(target_size)
+        before = im.size
+        im.draft(None, (side, side))
+        if im.size != before:
+            conversions.append(f"jpeg_draft_1/{before[0] // im.size[0]}")
+    try:
+        im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageRequestError(413, "image_too_large", f"decompression bomb refused: {e}") from None
+    except _DECODE_ERRORS as e:
+        if "truncated" in str(e) or isinstance(e, EOFError):
+            raise ImageRequestError(400, "truncated_image", f"the image data ends early: {e}") from None
+        raise ImageRequestError(400, "corrupt_image", f"pixel data cannot be decoded: {type(e).__name__}: {e}") \
+            from None
+    if source_format in ("JPEG", "MPO") and grey_filled_scan(im):
+        raise ImageRequestError(400, "corrupt_image", "JPEG scan data is damaged: the bottom of the image is "
+                                "the decoder's grey fill")
+
+
 def decode_image(data: bytes, max_pixels: int, target_size: tuple[int, int] | None = None) -> DecodedImage:
     """Decode request bytes to RGB.
 
@@ -203,45 +250,11 @@ def decode_image(data: bytes, max_pixels: int, target_size: tuple[int, int] | No
         # Pillow's bomb warning (pixels over its own limit) must stop decoding; other warnings are noise.
         warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            im: Image.Image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageRequestError(413, "image_too_large", f"decompression bomb refused: {e}") from None
-        except UnidentifiedImageError:
-            raise ImageRequestError(
-                400, "not_an_image", f"not a readable image (supported: {', '.join(ALLOWED_FORMATS)})"
-            ) from None
-        except _DECODE_ERRORS as e:
-            raise ImageRequestError(400, "corrupt_image", f"unreadable image header: {type(e).__name__}: {e}") from None
+        im = _open_checked(data, max_pixels)
         width, height = im.size
-        if width < 1 or height < 1:
-            raise ImageRequestError(400, "corrupt_image", f"header gives an empty size {width}x{height}")
-        if width * height > max_pixels:
-            raise ImageRequestError(
-                413, "image_too_large", f"{width}x{height} = {width * height} pixels, limit {max_pixels} (refused "
-                "before decoding)"
-            )
         source_format, source_mode = str(im.format), im.mode
         conversions: list[str] = []
-        if target_size is not None and source_format in ("JPEG", "MPO"):
-            # Square request: the EXIF rotation is applied after decoding, so either side may become the width.
-            side = DRAFT_MARGIN * max(target_size)
-            before = im.size
-            im.draft(None, (side, side))
-            if im.size != before:
-                conversions.append(f"jpeg_draft_1/{before[0] // im.size[0]}")
-        try:
-            im.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageRequestError(413, "image_too_large", f"decompression bomb refused: {e}") from None
-        except _DECODE_ERRORS as e:
-            if "truncated" in str(e) or isinstance(e, EOFError):
-                raise ImageRequestError(400, "truncated_image", f"the image data ends early: {e}") from None
-            raise ImageRequestError(400, "corrupt_image", f"pixel data cannot be decoded: {type(e).__name__}: {e}") \
-                from None
-        if source_format in ("JPEG", "MPO") and grey_filled_scan(im):
-            raise ImageRequestError(400, "corrupt_image", "JPEG scan data is damaged: the bottom of the image is "
-                                    "the decoder's grey fill")
+        _load_pixels(im, source_format, target_size, conversions)
         try:
             if target_size is not None:
                 im = _reduce_large(im, target_size, conversions)

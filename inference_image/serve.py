@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Entry point of the inference image: ``serve`` (what SageMaker runs: ``docker run <image> serve``).
 
-    python -m inference_image.serve serve     # or: python inference_image/serve.py serve
+    python -m inference_image.serve serve     # from the repository root (/opt/program, the image's WORKDIR)
     python -m inference_image.serve check     # check the model directory and the export, then exit
+
+The image's ``PYTHONPATH`` (inference_image/Dockerfile) holds the repository root and the layers it copies; in
+development the venv's ``.pth`` (Makefile) does the same.
 
 ``serve`` verifies the model directory against its manifest (every file, by SHA-256) and checks its content
 (consistent files, ``model.ts``'s outputs), picks the runtime and exports the model to ONNX when that is the runtime
@@ -27,10 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-# /opt/program (the repository root in development) must be importable when run as a script.
+# /opt/program in the image (the repository root in development): gunicorn's workers import inference_image from it.
 _ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
 
 try:
     from inference_image.artifacts import ModelDirError, load_artifacts
@@ -40,7 +41,7 @@ except ImportError as _e:  # a broken image: still one line
     sys.exit(1)
 
 log = logging.getLogger("inference.serve")
-USAGE = "usage: serve.py serve | check"
+USAGE = "usage: python -m inference_image.serve serve | check"
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 import boto3
 
@@ -28,8 +28,9 @@ DEFAULT_DATA = REPO_ROOT / "data" / "sample"
 
 def say(text: str) -> None:
     """Progress goes to the real stdout: handlers' stdout is redirected to their log while they run."""
-    sys.__stdout__.write(text + "\n")
-    sys.__stdout__.flush()
+    out = cast(TextIO, sys.__stdout__)  # None only without a console, which `python -m localmode` always has
+    out.write(text + "\n")
+    out.flush()
 
 
 class _Follower:
@@ -53,7 +54,7 @@ class _Follower:
             took = time.monotonic() - self.entered.get(name, time.monotonic())
             say(f"[{t:6.1f}s]    {name} done ({took:.1f}s)")
         elif kind in ("TaskFailed", "LambdaFunctionFailed", "ExecutionFailed"):
-            details = next((v for k, v in event.items() if k.endswith("EventDetails")), {})
+            details: dict[str, Any] = next((v for k, v in event.items() if k.endswith("EventDetails")), {})
             say(f"[{t:6.1f}s]    ! {kind}: {details.get('error', '')} {str(details.get('cause', ''))[:300]}")
 
     def training_lines(self) -> None:
@@ -76,85 +77,28 @@ def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str,
     images = data / "images" if (data / "images").is_dir() else data
     say("Local mode: template.yaml deployed in-process (moto), handlers and ASL as on AWS, training on the CPU.")
     with LocalCloud(work_dir=work_dir, parameters=parameters) as cloud:
-        bucket = cloud.output("DataBucketName")
-        s3 = boto3.client("s3", region_name=REGION)
-        say(f"1/4 Uploading {images} to s3://{bucket}/incoming/ (each upload triggers validation)...")
-        report = upload_dataset(s3, bucket, images, metadata, dataset="sample", progress=sys.stderr.isatty())
-        cloud.bus.drain()
-        table = boto3.resource("dynamodb", region_name=REGION).Table(cloud.output("ManifestTableName"))
-        statuses: dict[str, int] = {}
-        for item in table.scan()["Items"]:
-            statuses[str(item.get("status"))] = statuses.get(str(item.get("status")), 0) + 1
-        say(f"    uploaded {report.uploaded} objects; manifest: {json.dumps(statuses)}")
+        statuses = _upload(cloud, images, metadata)
         if not statuses.get("VALIDATED"):
             # Nothing to train on: the retraining would only take its not-enough-data branch and "succeed".
             return fail(f"no image under {images} passed validation ({json.dumps(statuses)}); the reasons are in "
                         f"{cloud.runtime.log_path}")
 
-        say("2/4 Requesting a retraining (EventBridge RetrainingRequested -> RetrainingStateMachine)...")
-        source = f"{cloud.resolver.parameters['ProjectName']}.pipeline"
-        boto3.client("events", region_name=REGION).put_events(Entries=[{
-            "Source": source, "DetailType": "RetrainingRequested",
-            "Detail": json.dumps({"reason": "make run: local demo", "requestedBy": getpass.getuser()}),
-        }])
-        cloud.bus.drain()
-        sfn = boto3.client("stepfunctions", region_name=REGION)
-        machine = cloud.output("RetrainingStateMachineArn")
-        executions = sfn.list_executions(stateMachineArn=machine)["executions"]
-        if not executions:
-            say("    no execution started: the Manual rule did not match (see .local/logs)")
+        retraining = _retrain(cloud)
+        if retraining is None:
             return 1
-        arn = executions[0]["executionArn"]
-        follower = _Follower(cloud, time.monotonic())
-        say(f"    execution {arn.rsplit(':', 1)[-1]}")
-        desc = cloud.wait_for_execution(arn, timeout=3600, on_event=follower, on_poll=follower.training_lines)
-        follower.training_lines()
+        arn, desc = retraining
         output = json.loads(desc.get("output") or "{}")
         registration = output.get("registration", {}).get("result", {})
 
-        deployment: dict[str, Any] = {}
-        if registration.get("approvalStatus") == "Approved":
-            say("3/4 Deploying the approved model (Model Package State Change -> DeploymentStateMachine)...")
-            cloud.bus.drain()
-            deployments = sfn.list_executions(stateMachineArn=cloud.output("DeploymentStateMachineArn"))["executions"]
-            if deployments:
-                deployment = cloud.wait_for_execution(deployments[0]["executionArn"], timeout=1200,
-                                                      on_event=_Follower(cloud, time.monotonic()))
+        deployment = _deploy(cloud, registration)
         invocation = _try_endpoint(cloud, data) if deployment.get("status") == "SUCCEEDED" else None
         drift, quality = _monitor(cloud, data, metadata) if invocation else (None, None)
         report = write_report(work_dir / "report", drift_result=drift, quality_result=quality,
                               executions=[d for d in (desc, deployment) if d],
                               drift_threshold=float(cloud.resolver.parameters["DriftThreshold"]))
 
-        say("4/4 Summary")
-        say(f"    retraining       : {desc['status']}")
-        if desc["status"] != "SUCCEEDED":
-            say(f"    error            : {desc.get('error')}: {str(desc.get('cause'))[:500]}")
-        evaluation = output.get("evaluation", {}).get("result", {})
-        if registration:
-            say(f"    model package    : {registration['modelPackageArn']} "
-                f"(version {registration['modelPackageVersion']}, {registration['approvalStatus']})")
-        if evaluation:
-            say("    test metrics     : " + ", ".join(f"{k} {v:.3f}" for k, v in evaluation["metrics"].items()))
-            if evaluation.get("baseline"):
-                say("    current model    : " + ", ".join(f"{k} {v:.3f}" for k, v in evaluation["baseline"].items()))
-            say(f"    model artifacts  : {evaluation['modelDataUrl']}")
-        for runner in cloud.runners:
-            say(f"    job directory    : {runner.root} (model/, output/, training.log)")
-        if deployment:
-            say(f"    deployment       : {deployment['status']}"
-                + (f" ({deployment.get('error')}: {str(deployment.get('cause'))[:300]})"
-                   if deployment["status"] != "SUCCEEDED" else ""))
-        if invocation:
-            say(f"    endpoint         : {cloud.output('EndpointName')} at {invocation['url']}")
-            say(f"    sample answer    : {invocation['summary']}")
-        if drift and drift.get("drift_score") is not None:
-            say(f"    drift            : DriftScore {drift['drift_score']:.2f} over {drift['n_records']} captured "
-                f"predictions ({'drift' if drift['drifted'] else 'no drift'} at alpha {drift['alpha']})")
-        elif drift:
-            say(f"    drift            : {drift.get('reason') or drift.get('errorMessage') or drift}"[:300])
-        if quality:
-            say(f"    live quality     : {_quality_line(quality)}")
+        _say_retraining(cloud, desc, output)
+        _say_deployment(cloud, deployment, invocation, drift, quality)
         say(f"    monitoring report: {report}")
         for note in cloud.read_notifications():
             say(f"    notification     : {note['subject']}: {note['message'][:300]}")
@@ -181,6 +125,98 @@ def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str,
             except KeyboardInterrupt:
                 pass
         return 0 if ok else 1
+
+
+def _upload(cloud: LocalCloud, images: Path, metadata: Path | None) -> dict[str, int]:
+    """Step 1: upload the images (each upload triggers validation); return the manifest's count per status."""
+    bucket = cloud.output("DataBucketName")
+    s3 = boto3.client("s3", region_name=REGION)
+    say(f"1/4 Uploading {images} to s3://{bucket}/incoming/ (each upload triggers validation)...")
+    uploaded = upload_dataset(s3, bucket, images, metadata, dataset="sample", progress=sys.stderr.isatty())
+    cloud.bus.drain()
+    table = boto3.resource("dynamodb", region_name=REGION).Table(cloud.output("ManifestTableName"))
+    statuses: dict[str, int] = {}
+    for item in table.scan()["Items"]:
+        statuses[str(item.get("status"))] = statuses.get(str(item.get("status")), 0) + 1
+    say(f"    uploaded {uploaded.uploaded} objects; manifest: {json.dumps(statuses)}")
+    return statuses
+
+
+def _retrain(cloud: LocalCloud) -> tuple[str, dict[str, Any]] | None:
+    """Step 2: request a retraining and follow it; its execution ARN and final description (None: none started)."""
+    say("2/4 Requesting a retraining (EventBridge RetrainingRequested -> RetrainingStateMachine)...")
+    source = f"{cloud.resolver.parameters['ProjectName']}.pipeline"
+    boto3.client("events", region_name=REGION).put_events(Entries=[{
+        "Source": source, "DetailType": "RetrainingRequested",
+        "Detail": json.dumps({"reason": "make run: local demo", "requestedBy": getpass.getuser()}),
+    }])
+    cloud.bus.drain()
+    sfn = boto3.client("stepfunctions", region_name=REGION)
+    machine = cloud.output("RetrainingStateMachineArn")
+    executions = sfn.list_executions(stateMachineArn=machine)["executions"]
+    if not executions:
+        say("    no execution started: the Manual rule did not match (see .local/logs)")
+        return None
+    arn = executions[0]["executionArn"]
+    follower = _Follower(cloud, time.monotonic())
+    say(f"    execution {arn.rsplit(':', 1)[-1]}")
+    desc = cloud.wait_for_execution(arn, timeout=3600, on_event=follower, on_poll=follower.training_lines)
+    follower.training_lines()
+    return arn, desc
+
+
+def _deploy(cloud: LocalCloud, registration: dict[str, Any]) -> dict[str, Any]:
+    """Step 3: follow the deployment an approved model starts; its final description ({} when none ran)."""
+    if registration.get("approvalStatus") != "Approved":
+        return {}
+    say("3/4 Deploying the approved model (Model Package State Change -> DeploymentStateMachine)...")
+    cloud.bus.drain()
+    sfn = boto3.client("stepfunctions", region_name=REGION)
+    deployments = sfn.list_executions(stateMachineArn=cloud.output("DeploymentStateMachineArn"))["executions"]
+    if not deployments:
+        return {}
+    deployment: dict[str, Any] = cloud.wait_for_execution(deployments[0]["executionArn"], timeout=1200,
+                                                          on_event=_Follower(cloud, time.monotonic()))
+    return deployment
+
+
+def _say_retraining(cloud: LocalCloud, desc: dict[str, Any], output: dict[str, Any]) -> None:
+    """Step 4, first half: the retraining's outcome, model package and test metrics."""
+    registration = output.get("registration", {}).get("result", {})
+    say("4/4 Summary")
+    say(f"    retraining       : {desc['status']}")
+    if desc["status"] != "SUCCEEDED":
+        say(f"    error            : {desc.get('error')}: {str(desc.get('cause'))[:500]}")
+    evaluation = output.get("evaluation", {}).get("result", {})
+    if registration:
+        say(f"    model package    : {registration['modelPackageArn']} "
+            f"(version {registration['modelPackageVersion']}, {registration['approvalStatus']})")
+    if evaluation:
+        say("    test metrics     : " + ", ".join(f"{k} {v:.3f}" for k, v in evaluation["metrics"].items()))
+        if evaluation.get("baseline"):
+            say("    current model    : " + ", ".join(f"{k} {v:.3f}" for k, v in evaluation["baseline"].items()))
+        say(f"    model artifacts  : {evaluation['modelDataUrl']}")
+    for runner in cloud.runners:
+        say(f"    job directory    : {runner.root} (model/, output/, training.log)")
+
+
+def _say_deployment(cloud: LocalCloud, deployment: dict[str, Any], invocation: dict[str, Any] | None,
+                    drift: dict[str, Any] | None, quality: dict[str, Any] | None) -> None:
+    """Step 4, second half: the deployment, the endpoint's answer, drift and live quality."""
+    if deployment:
+        say(f"    deployment       : {deployment['status']}"
+            + (f" ({deployment.get('error')}: {str(deployment.get('cause'))[:300]})"
+               if deployment["status"] != "SUCCEEDED" else ""))
+    if invocation:
+        say(f"    endpoint         : {cloud.output('EndpointName')} at {invocation['url']}")
+        say(f"    sample answer    : {invocation['summary']}")
+    if drift and drift.get("drift_score") is not None:
+        say(f"    drift            : DriftScore {drift['drift_score']:.2f} over {drift['n_records']} captured "
+            f"predictions ({'drift' if drift['drifted'] else 'no drift'} at alpha {drift['alpha']})")
+    elif drift:
+        say(f"    drift            : {drift.get('reason') or drift.get('errorMessage') or drift}"[:300])
+    if quality:
+        say(f"    live quality     : {_quality_line(quality)}")
 
 
 def _monitor(cloud: LocalCloud, data: Path, metadata: Path | None,

@@ -260,7 +260,7 @@ def install(put_event: Callable[[dict[str, Any]], None], account: str, region: s
             else:
                 log.warning("alarm %s: action %s is not a topic of this stack; not run locally", alarm_name, arn)
 
-    CloudWatchBackend.set_alarm_state = set_alarm_state  # type: ignore[method-assign]
+    CloudWatchBackend.set_alarm_state = set_alarm_state  # type: ignore[method-assign,assignment]
 
     def undo() -> None:
         CloudWatchBackend.set_alarm_state = original  # type: ignore[method-assign]

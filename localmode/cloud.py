@@ -187,7 +187,7 @@ class LocalCloud:
                 response_headers["x-amz-function-error"] = "Unhandled"
             return json.dumps(payload).encode()
 
-        LambdaSimpleBackend.invoke = invoke  # type: ignore[method-assign]
+        LambdaSimpleBackend.invoke = invoke  # type: ignore[method-assign,assignment]
         self._undo.append(lambda: setattr(LambdaSimpleBackend, "invoke", original_invoke))
 
         original_s3_event = notifications._send_event_bridge_message
@@ -223,7 +223,7 @@ class LocalCloud:
                 bus.put(event)
             return result
 
-        EventsBackend.put_events = put_events  # type: ignore[method-assign]
+        EventsBackend.put_events = put_events  # type: ignore[method-assign,assignment]
         self._undo.append(lambda: setattr(EventsBackend, "put_events", original_put_events))
 
         # moto 5.2.5's SendTaskFailure drops ``cause``: without it a failed job's FailureReason would not reach
@@ -238,7 +238,7 @@ class LocalCloud:
                 handler._get_param("taskToken"), error=handler._get_param("error"), cause=handler._get_param("cause"))
             return EmptyResult()
 
-        StepFunctionResponse.send_task_failure = send_task_failure  # type: ignore[method-assign]
+        StepFunctionResponse.send_task_failure = send_task_failure  # type: ignore[method-assign,assignment]
         self._undo.append(lambda: setattr(StepFunctionResponse, "send_task_failure", original_failure))
 
         def emit_training_event(detail: dict[str, Any]) -> None:

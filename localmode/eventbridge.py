@@ -18,6 +18,25 @@ from typing import Any
 log = logging.getLogger("localmode.events")
 
 
+_TEXT_MATCHERS = ("prefix", "suffix", "equals-ignore-case", "wildcard")
+
+
+def _match_text(op: str, arg: Any, value: str) -> bool:
+    """The matchers that apply to strings only (``op`` is one of :data:`_TEXT_MATCHERS`)."""
+    if op == "prefix":
+        if isinstance(arg, dict):  # {"prefix": {"equals-ignore-case": "x"}}
+            return value.lower().startswith(str(arg["equals-ignore-case"]).lower())
+        return value.startswith(arg)
+    if op == "suffix":
+        if isinstance(arg, dict):
+            return value.lower().endswith(str(arg["equals-ignore-case"]).lower())
+        return value.endswith(arg)
+    if op == "equals-ignore-case":
+        return value.lower() == str(arg).lower()
+    regex = "^" + ".*".join(re.escape(part) for part in str(arg).split("*")) + "$"  # wildcard
+    return re.match(regex, value, re.DOTALL) is not None
+
+
 def _match_value(matcher: Any, value: Any, present: bool) -> bool:
     """Does one element of a pattern's list match the event's value?"""
     if isinstance(matcher, dict):
@@ -26,19 +45,8 @@ def _match_value(matcher: Any, value: Any, present: bool) -> bool:
             return present == bool(arg)
         if not present:
             return False
-        if op == "prefix":
-            if isinstance(arg, dict):  # {"prefix": {"equals-ignore-case": "x"}}
-                return isinstance(value, str) and value.lower().startswith(str(arg["equals-ignore-case"]).lower())
-            return isinstance(value, str) and value.startswith(arg)
-        if op == "suffix":
-            if isinstance(arg, dict):
-                return isinstance(value, str) and value.lower().endswith(str(arg["equals-ignore-case"]).lower())
-            return isinstance(value, str) and value.endswith(arg)
-        if op == "equals-ignore-case":
-            return isinstance(value, str) and value.lower() == str(arg).lower()
-        if op == "wildcard":
-            regex = "^" + ".*".join(re.escape(part) for part in str(arg).split("*")) + "$"
-            return isinstance(value, str) and re.match(regex, value, re.DOTALL) is not None
+        if op in _TEXT_MATCHERS:
+            return isinstance(value, str) and _match_text(op, arg, value)
         if op == "anything-but":
             if isinstance(arg, dict):
                 return not _match_value(arg, value, present)

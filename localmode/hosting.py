@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import sys
 import tarfile
 import threading
 import time
@@ -69,9 +68,6 @@ def _check_range(value: Any, path: str, low: int, high: int) -> None:
 
 def has_local_nvme(instance_type: str) -> bool:
     """The stack's table of instance types with NVMe instance storage (lesion_common.instances)."""
-    common = str(REPO_ROOT / "layers" / "common")
-    if common not in sys.path:
-        sys.path.append(common)
     from lesion_common.instances import has_local_nvme as lookup
 
     return bool(lookup(instance_type))
@@ -190,6 +186,26 @@ def _epoch_ms(value: Any) -> Any:
     return value
 
 
+def _endpoint_arn(backend: Any, name: str) -> str:
+    from moto.sagemaker.models import FakeEndpoint
+
+    return str(FakeEndpoint.arn_formatter(name, backend.account_id, backend.region_name))
+
+
+def _config_arn(backend: Any, name: str) -> str:
+    from moto.sagemaker.models import FakeEndpointConfig
+
+    return str(FakeEndpointConfig.arn_formatter(name, backend.account_id, backend.region_name))
+
+
+def _missing_endpoint(backend: Any, name: str) -> Exception:
+    return _validation_error(f'Could not find endpoint "{_endpoint_arn(backend, name)}".')
+
+
+def _missing_config(backend: Any, name: str) -> Exception:
+    return _validation_error(f'Could not find endpoint configuration "{_config_arn(backend, name)}".')
+
+
 class LocalHosting:
     """Installs the hooks on moto's SageMaker backend.
 
@@ -235,40 +251,42 @@ class LocalHosting:
     # ------------------------------------------------------------------ hooks
     def install(self) -> Callable[[], None]:
         """Patch moto; return the function that restores it."""
-        from moto.core.responses import ActionResult
-        from moto.sagemaker.models import FakeEndpoint, FakeEndpointConfig, SageMakerModelBackend
-        from moto.sagemaker.responses import SageMakerResponse
+        patches = [*self._config_patches(), *self._endpoint_patches(), *self._package_patches()]
+        saved = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in patches]
+        for owner, name, replacement in patches:
+            setattr(owner, name, replacement)
+
+        def undo() -> None:
+            for owner, name, value in saved:
+                if value is None:
+                    delattr(owner, name)
+                else:
+                    setattr(owner, name, value)
+
+        return undo
+
+    def _visible_config(self, backend: Any, name: str) -> Any:
+        """The configuration as CreateEndpoint/UpdateEndpoint's eventually consistent read sees it."""
+        created = self._config_created.get(name)
+        recent = created is not None and time.monotonic() - created < self.config_visible_after_s
+        if name not in backend.endpoint_configs or recent:
+            raise _missing_config(backend, name)
+        return backend.endpoint_configs[name]
+
+    def _run_async(self, name: str, work: Callable[[], None]) -> None:
+        thread = threading.Thread(target=work, name=name, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def _config_patches(self) -> list[tuple[Any, str, Any]]:
+        """CreateModel, CreateEndpointConfig and DescribeEndpointConfig as SageMaker answers them."""
+        from moto.sagemaker.models import FakeEndpointConfig, SageMakerModelBackend
         from moto.sagemaker.utils import arn_formatter
 
         hosting = self
         original_create_model = SageMakerModelBackend.create_model
         original_create_config = SageMakerModelBackend.create_endpoint_config
         original_describe_config = SageMakerModelBackend.describe_endpoint_config
-        original_create_endpoint = SageMakerModelBackend.create_endpoint
-        original_describe_endpoint = SageMakerModelBackend.describe_endpoint
-        original_delete_endpoint = SageMakerModelBackend.delete_endpoint
-        original_create_package = SageMakerModelBackend.create_model_package
-        original_update_package = SageMakerModelBackend.update_model_package
-
-        def endpoint_arn(backend: Any, name: str) -> str:
-            return str(FakeEndpoint.arn_formatter(name, backend.account_id, backend.region_name))
-
-        def config_arn(backend: Any, name: str) -> str:
-            return str(FakeEndpointConfig.arn_formatter(name, backend.account_id, backend.region_name))
-
-        def missing_endpoint(backend: Any, name: str) -> Exception:
-            return _validation_error(f'Could not find endpoint "{endpoint_arn(backend, name)}".')
-
-        def missing_config(backend: Any, name: str) -> Exception:
-            return _validation_error(f'Could not find endpoint configuration "{config_arn(backend, name)}".')
-
-        def visible_config(backend: Any, name: str) -> Any:
-            """The configuration as CreateEndpoint/UpdateEndpoint's eventually consistent read sees it."""
-            created = hosting._config_created.get(name)
-            recent = created is not None and time.monotonic() - created < hosting.config_visible_after_s
-            if name not in backend.endpoint_configs or recent:
-                raise missing_config(backend, name)
-            return backend.endpoint_configs[name]
 
         def create_model(backend: Any, model_name: str, *args: Any, **kwargs: Any) -> Any:
             if model_name in backend._models:
@@ -280,7 +298,7 @@ class LocalHosting:
                                    *args: Any, **kwargs: Any) -> Any:
             if endpoint_config_name in backend.endpoint_configs:
                 raise _validation_error("Cannot create already existing endpoint configuration "
-                                        f'"{config_arn(backend, endpoint_config_name)}".')
+                                        f'"{_config_arn(backend, endpoint_config_name)}".')
             for variant in production_variants:
                 if variant.get("ModelName") not in backend._models:
                     arn = arn_formatter("model", variant.get("ModelName"), backend.account_id, backend.region_name)
@@ -292,13 +310,114 @@ class LocalHosting:
 
         def describe_endpoint_config(backend: Any, endpoint_config_name: str) -> Any:
             if endpoint_config_name not in backend.endpoint_configs:
-                raise missing_config(backend, endpoint_config_name)
+                raise _missing_config(backend, endpoint_config_name)
             return original_describe_config(backend, endpoint_config_name)
+
+        return [
+            (SageMakerModelBackend, "create_model", create_model),
+            (SageMakerModelBackend, "create_endpoint_config", create_endpoint_config),
+            # replaced by check_endpoint_config's botocore enum
+            (FakeEndpointConfig, "validate_instance_type", lambda config, instance_type: None),
+            (SageMakerModelBackend, "describe_endpoint_config", describe_endpoint_config),
+        ]
+
+    def _endpoint_patches(self) -> list[tuple[Any, str, Any]]:
+        """Create/Describe/Update/DeleteEndpoint: the endpoint's container runs (EndpointHost), in the background."""
+        from moto.core.responses import ActionResult
+        from moto.sagemaker.models import SageMakerModelBackend
+        from moto.sagemaker.responses import SageMakerResponse
+
+        hosting = self
+        original_create_endpoint = SageMakerModelBackend.create_endpoint
+        original_describe_endpoint = SageMakerModelBackend.describe_endpoint
+        original_delete_endpoint = SageMakerModelBackend.delete_endpoint
 
         def describe_endpoint(backend: Any, endpoint_name: str) -> Any:
             if endpoint_name not in backend.endpoints:
-                raise missing_endpoint(backend, endpoint_name)
+                raise _missing_endpoint(backend, endpoint_name)
             return original_describe_endpoint(backend, endpoint_name)
+
+        def create_endpoint(backend: Any, endpoint_name: str, endpoint_config_name: str, tags: Any) -> Any:
+            if endpoint_name in backend.endpoints:
+                raise _validation_error(
+                    f'Cannot create already existing endpoint "{_endpoint_arn(backend, endpoint_name)}".')
+            hosting._visible_config(backend, endpoint_config_name)
+            endpoint = original_create_endpoint(backend, endpoint_name, endpoint_config_name, tags)
+            endpoint.endpoint_status = "Creating"
+
+            def start() -> None:
+                try:
+                    model_dir, env = hosting._model_dir(backend, endpoint_config_name)
+                    hosting.host.start(endpoint_name, model_dir, version=env.get("MODEL_VERSION"), env=env)
+                    endpoint.endpoint_status = "InService"
+                except Exception as err:  # noqa: BLE001 - reported as SageMaker reports a failed creation
+                    log.exception("endpoint %s failed to start", endpoint_name)
+                    endpoint.endpoint_status = "Failed"
+                    reason = f"The primary container failed its health check: {err}"[:1024]
+                    endpoint.failure_reason = reason  # type: ignore[assignment]  # moto annotates it None
+                endpoint.last_modified_time = datetime.now(UTC)
+
+            hosting._run_async(f"endpoint-{endpoint_name}", start)
+            return endpoint
+
+        def update_endpoint(backend: Any, endpoint_name: str, endpoint_config_name: str,
+                            deployment_config: dict[str, Any] | None = None) -> Any:
+            if endpoint_name not in backend.endpoints:
+                raise _missing_endpoint(backend, endpoint_name)
+            new_config = hosting._visible_config(backend, endpoint_config_name)
+            endpoint = backend.endpoints[endpoint_name]
+            if endpoint.endpoint_status in ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting"):
+                raise _validation_error(
+                    f'Cannot update in-progress endpoint "{_endpoint_arn(backend, endpoint_name)}".')
+            variants = new_config.production_variants or [{}]
+            check_deployment_config(deployment_config, int(variants[0].get("InitialInstanceCount") or 1))
+            endpoint.endpoint_status = "Updating"
+
+            def swap() -> None:
+                try:
+                    model_dir, env = hosting._model_dir(backend, endpoint_config_name)
+                    hosting.host.swap(endpoint_name, model_dir, version=env.get("MODEL_VERSION"), env=env)
+                    endpoint.endpoint_config_name = endpoint_config_name
+                    config = backend.endpoint_configs[endpoint_config_name]
+                    endpoint.production_variants = endpoint._process_production_variants(
+                        config.production_variants)
+                    endpoint.failure_reason = None
+                except Exception as err:  # noqa: BLE001 - the old version keeps serving, as after a rollback
+                    log.exception("update of %s rolled back", endpoint_name)
+                    endpoint.failure_reason = f"Rolled back: the new version failed its health check: {err}"[:1024]
+                endpoint.endpoint_status = "InService"
+                endpoint.last_modified_time = datetime.now(UTC)
+
+            hosting._run_async(f"update-{endpoint_name}", swap)
+            return endpoint
+
+        def delete_endpoint(backend: Any, endpoint_name: str) -> None:
+            if endpoint_name not in backend.endpoints:
+                raise _missing_endpoint(backend, endpoint_name)
+            original_delete_endpoint(backend, endpoint_name)
+            hosting.host.stop(endpoint_name)
+
+        def update_endpoint_response(handler: Any) -> Any:
+            endpoint = handler.sagemaker_backend.update_endpoint(
+                handler._get_param("EndpointName"), handler._get_param("EndpointConfigName"),
+                handler._get_param("DeploymentConfig"))
+            return ActionResult({"EndpointArn": endpoint.arn})
+
+        return [
+            (SageMakerModelBackend, "describe_endpoint", describe_endpoint),
+            (SageMakerModelBackend, "create_endpoint", create_endpoint),
+            (SageMakerModelBackend, "delete_endpoint", delete_endpoint),
+            (SageMakerModelBackend, "update_endpoint", update_endpoint),
+            (SageMakerResponse, "update_endpoint", update_endpoint_response),
+        ]
+
+    def _package_patches(self) -> list[tuple[Any, str, Any]]:
+        """Create/UpdateModelPackage put the package's state change on the bus, as SageMaker does."""
+        from moto.sagemaker.models import SageMakerModelBackend
+
+        hosting = self
+        original_create_package = SageMakerModelBackend.create_model_package
+        original_update_package = SageMakerModelBackend.update_model_package
 
         def emit_package(backend: Any, arn: str) -> None:
             package = backend.describe_model_package(arn).gen_response_object()
@@ -323,99 +442,7 @@ class LocalHosting:
             emit_package(backend, arn)
             return arn
 
-        def run_async(name: str, work: Callable[[], None]) -> None:
-            thread = threading.Thread(target=work, name=name, daemon=True)
-            hosting.threads.append(thread)
-            thread.start()
-
-        def create_endpoint(backend: Any, endpoint_name: str, endpoint_config_name: str, tags: Any) -> Any:
-            if endpoint_name in backend.endpoints:
-                raise _validation_error(
-                    f'Cannot create already existing endpoint "{endpoint_arn(backend, endpoint_name)}".')
-            visible_config(backend, endpoint_config_name)
-            endpoint = original_create_endpoint(backend, endpoint_name, endpoint_config_name, tags)
-            endpoint.endpoint_status = "Creating"
-
-            def start() -> None:
-                try:
-                    model_dir, env = hosting._model_dir(backend, endpoint_config_name)
-                    hosting.host.start(endpoint_name, model_dir, version=env.get("MODEL_VERSION"), env=env)
-                    endpoint.endpoint_status = "InService"
-                except Exception as err:  # noqa: BLE001 - reported as SageMaker reports a failed creation
-                    log.exception("endpoint %s failed to start", endpoint_name)
-                    endpoint.endpoint_status = "Failed"
-                    endpoint.failure_reason = f"The primary container failed its health check: {err}"[:1024]
-                endpoint.last_modified_time = datetime.now(UTC)
-
-            run_async(f"endpoint-{endpoint_name}", start)
-            return endpoint
-
-        def update_endpoint(backend: Any, endpoint_name: str, endpoint_config_name: str,
-                            deployment_config: dict[str, Any] | None = None) -> Any:
-            if endpoint_name not in backend.endpoints:
-                raise missing_endpoint(backend, endpoint_name)
-            new_config = visible_config(backend, endpoint_config_name)
-            endpoint = backend.endpoints[endpoint_name]
-            if endpoint.endpoint_status in ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting"):
-                raise _validation_error(
-                    f'Cannot update in-progress endpoint "{endpoint_arn(backend, endpoint_name)}".')
-            variants = new_config.production_variants or [{}]
-            check_deployment_config(deployment_config, int(variants[0].get("InitialInstanceCount") or 1))
-            endpoint.endpoint_status = "Updating"
-
-            def swap() -> None:
-                try:
-                    model_dir, env = hosting._model_dir(backend, endpoint_config_name)
-                    hosting.host.swap(endpoint_name, model_dir, version=env.get("MODEL_VERSION"), env=env)
-                    endpoint.endpoint_config_name = endpoint_config_name
-                    config = backend.endpoint_configs[endpoint_config_name]
-                    endpoint.production_variants = endpoint._process_production_variants(
-                        config.production_variants)
-                    endpoint.failure_reason = None
-                except Exception as err:  # noqa: BLE001 - the old version keeps serving, as after a rollback
-                    log.exception("update of %s rolled back", endpoint_name)
-                    endpoint.failure_reason = f"Rolled back: the new version failed its health check: {err}"[:1024]
-                endpoint.endpoint_status = "InService"
-                endpoint.last_modified_time = datetime.now(UTC)
-
-            run_async(f"update-{endpoint_name}", swap)
-            return endpoint
-
-        def delete_endpoint(backend: Any, endpoint_name: str) -> None:
-            if endpoint_name not in backend.endpoints:
-                raise missing_endpoint(backend, endpoint_name)
-            original_delete_endpoint(backend, endpoint_name)
-            hosting.host.stop(endpoint_name)
-
-        def update_endpoint_response(handler: Any) -> Any:
-            endpoint = handler.sagemaker_backend.update_endpoint(
-                handler._get_param("EndpointName"), handler._get_param("EndpointConfigName"),
-                handler._get_param("DeploymentConfig"))
-            return ActionResult({"EndpointArn": endpoint.arn})
-
-        patches: list[tuple[Any, str, Any]] = [
-            (SageMakerModelBackend, "create_model", create_model),
-            (SageMakerModelBackend, "create_endpoint_config", create_endpoint_config),
-            # replaced by check_endpoint_config's botocore enum
-            (FakeEndpointConfig, "validate_instance_type", lambda config, instance_type: None),
-            (SageMakerModelBackend, "describe_endpoint_config", describe_endpoint_config),
-            (SageMakerModelBackend, "describe_endpoint", describe_endpoint),
-            (SageMakerModelBackend, "create_endpoint", create_endpoint),
-            (SageMakerModelBackend, "delete_endpoint", delete_endpoint),
-            (SageMakerModelBackend, "update_endpoint", update_endpoint),
+        return [
             (SageMakerModelBackend, "create_model_package", create_model_package),
             (SageMakerModelBackend, "update_model_package", update_model_package),
-            (SageMakerResponse, "update_endpoint", update_endpoint_response),
         ]
-        saved = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in patches]
-        for owner, name, replacement in patches:
-            setattr(owner, name, replacement)
-
-        def undo() -> None:
-            for owner, name, value in saved:
-                if value is None:
-                    delattr(owner, name)
-                else:
-                    setattr(owner, name, value)
-
-        return undo

@@ -13,6 +13,7 @@ instead of letting calls through unchecked.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote
@@ -207,96 +208,128 @@ class Mapper:
 
     def _resource_arns(self, prefix: str, rtype: str, op: str, p: dict[str, Any]) -> list[str] | None:
         """ARNs of one resource type for a request, or None when the request does not concern that type."""
-        if prefix == "s3":
-            bucket = p.get("Bucket")
-            if not bucket or str(bucket).startswith("arn:"):
-                return None  # access points are not used by this project
-            if rtype == "bucket":
-                return [f"arn:aws:s3:::{bucket}"]
-            if rtype == "object":
-                if op == "DeleteObjects":
-                    return [f"arn:aws:s3:::{bucket}/{o['Key']}" for o in p.get("Delete", {}).get("Objects", [])]
-                return [f"arn:aws:s3:::{bucket}/{p['Key']}"] if "Key" in p else None
+        by_prefix: dict[str, Callable[[str, str, dict[str, Any]], list[str] | None]] = {
+            "s3": self._s3_arns, "dynamodb": self._dynamodb_arns, "sagemaker": self._sagemaker_arns,
+            "lambda": self._lambda_arns, "states": self._states_arns, "sns": self._sns_arns, "sqs": self._sqs_arns,
+            "cloudwatch": self._cloudwatch_arns, "application-autoscaling": self._autoscaling_arns,
+            "kms": self._kms_arns, "iam": self._iam_arns, "events": self._events_arns, "logs": self._logs_arns,
+        }
+        arns = by_prefix.get(prefix)
+        return arns(rtype, op, p) if arns else None
+
+    def _s3_arns(self, rtype: str, op: str, p: dict[str, Any]) -> list[str] | None:
+        bucket = p.get("Bucket")
+        if not bucket or str(bucket).startswith("arn:"):
+            return None  # access points are not used by this project
+        if rtype == "bucket":
+            return [f"arn:aws:s3:::{bucket}"]
+        if rtype == "object":
+            if op == "DeleteObjects":
+                return [f"arn:aws:s3:::{bucket}/{o['Key']}" for o in p.get("Delete", {}).get("Objects", [])]
+            return [f"arn:aws:s3:::{bucket}/{p['Key']}"] if "Key" in p else None
+        return None
+
+    def _dynamodb_arns(self, rtype: str, op: str, p: dict[str, Any]) -> list[str] | None:
+        table = p.get("TableName")
+        if not table and rtype == "table" and p.get("RequestItems"):
+            # BatchGetItem/BatchWriteItem: one authorization per table named in the request.
+            return [self._table_arn(str(t)) for t in p["RequestItems"]]
+        if not table:
             return None
-        if prefix == "dynamodb":
-            table = p.get("TableName")
-            if not table and rtype == "table" and p.get("RequestItems"):
-                # BatchGetItem/BatchWriteItem: one authorization per table named in the request.
-                return [self._table_arn(str(t)) for t in p["RequestItems"]]
-            if not table:
-                return None
-            if rtype == "index":
-                return [f"{self._table_arn(table)}/index/{p['IndexName']}"] if p.get("IndexName") else None
-            if rtype == "table":
-                # A query of an index is authorized against the index's ARN only.
-                return None if p.get("IndexName") else [self._table_arn(table)]
-            return None
-        if prefix == "sagemaker":
-            names = {"training-job": "TrainingJobName", "endpoint": "EndpointName",
-                     "endpoint-config": "EndpointConfigName", "model": "ModelName",
-                     "model-package-group": "ModelPackageGroupName", "inference-component": "InferenceComponentName"}
-            if rtype == "model-package":
-                if op == "CreateModelPackage" and p.get("ModelPackageGroupName"):
-                    group = str(p["ModelPackageGroupName"]).rsplit("/", 1)[-1]
-                    version = self.world.next_model_package_version(group)
-                    return [self._sm("model-package", f"{group}/{version}")]
-                name = p.get("ModelPackageName") or p.get("ModelPackageArn")
-                return [self._sm("model-package", str(name))] if name else None
-            if rtype in names and p.get(names[rtype]):
-                return [self._sm(rtype, str(p[names[rtype]]))]
-            if op == "AddTags" and p.get("ResourceArn"):
-                return [str(p["ResourceArn"])] if str(p["ResourceArn"]).split(":")[5].startswith(rtype + "/") \
-                    else None
-            return None
-        if prefix == "lambda" and rtype == "function" and p.get("FunctionName"):
+        if rtype == "index":
+            return [f"{self._table_arn(table)}/index/{p['IndexName']}"] if p.get("IndexName") else None
+        if rtype == "table":
+            # A query of an index is authorized against the index's ARN only.
+            return None if p.get("IndexName") else [self._table_arn(table)]
+        return None
+
+    def _sagemaker_arns(self, rtype: str, op: str, p: dict[str, Any]) -> list[str] | None:
+        names = {"training-job": "TrainingJobName", "endpoint": "EndpointName",
+                 "endpoint-config": "EndpointConfigName", "model": "ModelName",
+                 "model-package-group": "ModelPackageGroupName", "inference-component": "InferenceComponentName"}
+        if rtype == "model-package":
+            if op == "CreateModelPackage" and p.get("ModelPackageGroupName"):
+                group = str(p["ModelPackageGroupName"]).rsplit("/", 1)[-1]
+                version = self.world.next_model_package_version(group)
+                return [self._sm("model-package", f"{group}/{version}")]
+            name = p.get("ModelPackageName") or p.get("ModelPackageArn")
+            return [self._sm("model-package", str(name))] if name else None
+        if rtype in names and p.get(names[rtype]):
+            return [self._sm(rtype, str(p[names[rtype]]))]
+        if op == "AddTags" and p.get("ResourceArn"):
+            return [str(p["ResourceArn"])] if str(p["ResourceArn"]).split(":")[5].startswith(rtype + "/") \
+                else None
+        return None
+
+    def _lambda_arns(self, rtype: str, op: str, p: dict[str, Any]) -> list[str] | None:
+        if rtype == "function" and p.get("FunctionName"):
             return [self._function_arn(str(p["FunctionName"]), p.get("Qualifier"))]
-        if prefix == "states":
-            if rtype == "statemachine" and p.get("stateMachineArn"):
-                return [str(p["stateMachineArn"])]
-            if rtype == "execution" and p.get("executionArn"):
-                return [str(p["executionArn"])]
+        return None
+
+    def _states_arns(self, rtype: str, op: str, p: dict[str, Any]) -> list[str] | None:
+        if rtype == "statemachine" and p.get("stateMachineArn"):
+            return [str(p["stateMachineArn"])]
+        if rtype == "execution" and p.get("executionArn"):
+            return [str(p["executionArn"])]
+        return None
+
+    def _sns_arns(self, rtype: str, op: str, p: dict[str, Any]) -> list[str] | None:
+        if rtype != "topic":
             return None
-        if prefix == "sns" and rtype == "topic":
-            topic = p.get("TopicArn") or p.get("TargetArn")
-            return [str(topic)] if topic else None
-        if prefix == "sqs" and rtype == "queue" and p.get("QueueUrl"):
+        topic = p.get("TopicArn") or p.get("TargetArn")
+        return [str(topic)] if topic else None
+
+    def _sqs_arns(self, rtype: str, op: str, p: dict[str, Any]) -> list[str] | None:
+        if rtype == "queue" and p.get("QueueUrl"):
             return [self._arn("sqs", str(p["QueueUrl"]).rstrip("/").rsplit("/", 1)[-1])]
-        if prefix == "cloudwatch" and rtype == "alarm":
-            alarms = p.get("AlarmNames") or ([p["AlarmName"]] if p.get("AlarmName") else [])
-            return [self._arn("cloudwatch", f"alarm:{n}") for n in alarms] or None
-        if prefix == "application-autoscaling" and rtype == "ScalableTarget":
-            return ["*"]
-        if prefix == "kms" and rtype == "key" and p.get("KeyId"):
+        return None
+
+    def _cloudwatch_arns(self, rtype: str, op: str, p: dict[str, Any]) -> list[str] | None:
+        if rtype != "alarm":
+            return None
+        alarms = p.get("AlarmNames") or ([p["AlarmName"]] if p.get("AlarmName") else [])
+        return [self._arn("cloudwatch", f"alarm:{n}") for n in alarms] or None
+
+    def _autoscaling_arns(self, rtype: str, op: str, p: dict[str, Any]) -> list[str] | None:
+        return ["*"] if rtype == "ScalableTarget" else None
+
+    def _kms_arns(self, rtype: str, op: str, p: dict[str, Any]) -> list[str] | None:
+        if rtype == "key" and p.get("KeyId"):
             arn = self.world.key_arn(str(p["KeyId"]))
             return [arn] if arn else None
-        if prefix == "iam" and rtype == "role":
-            if p.get("RoleName"):
-                return [f"arn:aws:iam::{self.account}:role/{p['RoleName']}"]
-            if p.get("AWSServiceName"):
-                # Service-linked roles live under aws-service-role/<service>/ (IAM User Guide).
-                return [f"arn:aws:iam::{self.account}:role/aws-service-role/{p['AWSServiceName']}/AWSServiceRoleFor"
-                        f"{p['AWSServiceName'].split('.')[0].title()}"]
+        return None
+
+    def _iam_arns(self, rtype: str, op: str, p: dict[str, Any]) -> list[str] | None:
+        if rtype != "role":
             return None
-        if prefix == "events":
-            bus = str(p.get("EventBusName") or "default")
-            if rtype == "event-bus":
-                buses = {str(e.get("EventBusName") or "default") for e in p.get("Entries", [])} or {bus}
-                return [b if b.startswith("arn:") else self._arn("events", f"event-bus/{b}") for b in sorted(buses)]
-            name = p.get("Name") or p.get("Rule")
-            if not name:
-                return None
-            if rtype == "rule-on-default-event-bus" and bus == "default":
-                return [self._arn("events", f"rule/{name}")]
-            if rtype == "rule-on-custom-event-bus" and bus != "default":
-                return [self._arn("events", f"rule/{bus.rsplit('/', 1)[-1]}/{name}")]
+        if p.get("RoleName"):
+            return [f"arn:aws:iam::{self.account}:role/{p['RoleName']}"]
+        if p.get("AWSServiceName"):
+            # Service-linked roles live under aws-service-role/<service>/ (IAM User Guide).
+            return [f"arn:aws:iam::{self.account}:role/aws-service-role/{p['AWSServiceName']}/AWSServiceRoleFor"
+                    f"{p['AWSServiceName'].split('.')[0].title()}"]
+        return None
+
+    def _events_arns(self, rtype: str, op: str, p: dict[str, Any]) -> list[str] | None:
+        bus = str(p.get("EventBusName") or "default")
+        if rtype == "event-bus":
+            buses = {str(e.get("EventBusName") or "default") for e in p.get("Entries", [])} or {bus}
+            return [b if b.startswith("arn:") else self._arn("events", f"event-bus/{b}") for b in sorted(buses)]
+        name = p.get("Name") or p.get("Rule")
+        if not name:
             return None
-        if prefix == "logs":
-            log_group = p.get("logGroupName")
-            if rtype == "log-group" and log_group:
-                return [self._arn("logs", f"log-group:{log_group}")]
-            if rtype == "log-stream" and log_group and p.get("logStreamName"):
-                return [self._arn("logs", f"log-group:{log_group}:log-stream:{p['logStreamName']}")]
-            return None
+        if rtype == "rule-on-default-event-bus" and bus == "default":
+            return [self._arn("events", f"rule/{name}")]
+        if rtype == "rule-on-custom-event-bus" and bus != "default":
+            return [self._arn("events", f"rule/{bus.rsplit('/', 1)[-1]}/{name}")]
+        return None
+
+    def _logs_arns(self, rtype: str, op: str, p: dict[str, Any]) -> list[str] | None:
+        log_group = p.get("logGroupName")
+        if rtype == "log-group" and log_group:
+            return [self._arn("logs", f"log-group:{log_group}")]
+        if rtype == "log-stream" and log_group and p.get("logStreamName"):
+            return [self._arn("logs", f"log-group:{log_group}:log-stream:{p['logStreamName']}")]
         return None
 
     # ------------------------------------------------------------------ context
@@ -432,40 +465,7 @@ class Mapper:
         w = self.world
         out: list[Check] = []
         if prefix == "s3" and p.get("Bucket") and "Key" in p:
-            bucket, key = str(p["Bucket"]), str(p["Key"])
-            enc = {"kms:EncryptionContext:aws:s3:arn": f"arn:aws:s3:::{bucket}"}
-            if op in ("PutObject", "CreateMultipartUpload", "CopyObject"):
-                key_id = p.get("SSEKMSKeyId") if p.get("ServerSideEncryption") == "aws:kms" else \
-                    w.bucket_kms_key(bucket)
-                arn = w.key_arn(key_id) if key_id else None
-                if arn:
-                    out.append(Check("kms:GenerateDataKey", arn, self._via("s3", enc), why="s3-sse-kms-put"))
-            if op == "UploadPart":
-                key_id = w.bucket_kms_key(bucket)
-                arn = w.key_arn(key_id) if key_id else None
-                if arn:
-                    out.append(Check("kms:Decrypt", arn, self._via("s3", enc), why="s3-sse-kms-put"))
-            if op in ("GetObject", "HeadObject"):
-                exists, key_id = w.object_state(bucket, key, p.get("VersionId"))
-                if not exists:
-                    out.append(Check("s3:ListBucket", f"arn:aws:s3:::{bucket}",
-                                     {"aws:SecureTransport": True, "aws:ViaAWSService": False, "s3:prefix": key},
-                                     why="s3-missing-key", kind="missing-key"))
-                elif op == "GetObject" and key_id:
-                    arn = w.key_arn(key_id)
-                    if arn:
-                        out.append(Check("kms:Decrypt", arn, self._via("s3", enc), why="s3-sse-kms-get"))
-            if op == "CopyObject" and p.get("CopySource"):
-                src_bucket, src_key, version = _s3_copy_source(p["CopySource"])
-                source_action = "s3:GetObjectVersion" if version else "s3:GetObject"
-                out.append(Check(source_action, f"arn:aws:s3:::{src_bucket}/{src_key}",
-                                 {"aws:SecureTransport": True, "aws:ViaAWSService": False}, why="s3-copy-source"))
-                exists, key_id = w.object_state(src_bucket, src_key, version)
-                arn = w.key_arn(key_id) if exists and key_id else None
-                if arn:
-                    out.append(Check("kms:Decrypt", arn, self._via(
-                        "s3", {"kms:EncryptionContext:aws:s3:arn": f"arn:aws:s3:::{src_bucket}"}),
-                        why="s3-sse-kms-get"))
+            out += self._cited_s3(op, p)
         if prefix == "dynamodb" and op in _DYNAMODB_DATA_PLANE:
             tables = [p["TableName"]] if p.get("TableName") else list(p.get("RequestItems", {}))
             for table in tables:
@@ -483,17 +483,70 @@ class Mapper:
             arn = w.key_arn(key_id) if key_id and w.is_customer_key(key_id) else None
             if arn:
                 out += [Check(a, arn, self._via("sqs"), why="sqs-cmk") for a in ("kms:GenerateDataKey", "kms:Decrypt")]
-        if prefix == "sagemaker" and op in ("CreateEndpoint", "UpdateEndpoint") and p.get("EndpointConfigName"):
+        if prefix == "sagemaker":
+            out += self._cited_sagemaker(op, p)
+        if prefix == "application-autoscaling" and p.get("ServiceNamespace") == "sagemaker" and \
+                str(p.get("ResourceId", "")).startswith("endpoint/"):
+            out += self._autoscaling_sagemaker(op, p)
+        return out
+
+    def _cited_s3(self, op: str, p: dict[str, Any]) -> list[Check]:
+        """S3 object requests: the KMS key of SSE-KMS objects, s3:ListBucket for a missing key, the copy source."""
+        w = self.world
+        out: list[Check] = []
+        bucket, key = str(p["Bucket"]), str(p["Key"])
+        enc = {"kms:EncryptionContext:aws:s3:arn": f"arn:aws:s3:::{bucket}"}
+        if op in ("PutObject", "CreateMultipartUpload", "CopyObject"):
+            key_id = p.get("SSEKMSKeyId") if p.get("ServerSideEncryption") == "aws:kms" else \
+                w.bucket_kms_key(bucket)
+            arn = w.key_arn(key_id) if key_id else None
+            if arn:
+                out.append(Check("kms:GenerateDataKey", arn, self._via("s3", enc), why="s3-sse-kms-put"))
+        if op == "UploadPart":
+            key_id = w.bucket_kms_key(bucket)
+            arn = w.key_arn(key_id) if key_id else None
+            if arn:
+                out.append(Check("kms:Decrypt", arn, self._via("s3", enc), why="s3-sse-kms-put"))
+        if op in ("GetObject", "HeadObject"):
+            exists, key_id = w.object_state(bucket, key, p.get("VersionId"))
+            if not exists:
+                out.append(Check("s3:ListBucket", f"arn:aws:s3:::{bucket}",
+                                 {"aws:SecureTransport": True, "aws:ViaAWSService": False, "s3:prefix": key},
+                                 why="s3-missing-key", kind="missing-key"))
+            elif op == "GetObject" and key_id:
+                arn = w.key_arn(key_id)
+                if arn:
+                    out.append(Check("kms:Decrypt", arn, self._via("s3", enc), why="s3-sse-kms-get"))
+        if op == "CopyObject" and p.get("CopySource"):
+            out += self._cited_copy_source(p["CopySource"])
+        return out
+
+    def _cited_copy_source(self, copy_source: Any) -> list[Check]:
+        """CopyObject reads its source: s3:GetObject(Version) on it, kms:Decrypt when it is SSE-KMS."""
+        src_bucket, src_key, version = _s3_copy_source(copy_source)
+        source_action = "s3:GetObjectVersion" if version else "s3:GetObject"
+        out = [Check(source_action, f"arn:aws:s3:::{src_bucket}/{src_key}",
+                     {"aws:SecureTransport": True, "aws:ViaAWSService": False}, why="s3-copy-source")]
+        exists, key_id = self.world.object_state(src_bucket, src_key, version)
+        arn = self.world.key_arn(key_id) if exists and key_id else None
+        if arn:
+            out.append(Check("kms:Decrypt", arn, self._via(
+                "s3", {"kms:EncryptionContext:aws:s3:arn": f"arn:aws:s3:::{src_bucket}"}),
+                why="s3-sse-kms-get"))
+        return out
+
+    def _cited_sagemaker(self, op: str, p: dict[str, Any]) -> list[Check]:
+        """The grants SageMaker creates on the KMS key of an endpoint configuration or a training volume."""
+        w = self.world
+        out: list[Check] = []
+        if op in ("CreateEndpoint", "UpdateEndpoint") and p.get("EndpointConfigName"):
             key_id = w.endpoint_config_kms_key(str(p["EndpointConfigName"]))
             arn = w.key_arn(key_id) if key_id else None
             if arn:
                 out.append(Check("kms:CreateGrant", arn, self._via("sagemaker", {"kms:GrantIsForAWSResource": True}),
                                  why="sagemaker-endpoint-grant"))
                 out.append(Check("kms:DescribeKey", arn, self._via("sagemaker"), why="sagemaker-endpoint-grant"))
-        if prefix == "application-autoscaling" and p.get("ServiceNamespace") == "sagemaker" and \
-                str(p.get("ResourceId", "")).startswith("endpoint/"):
-            out += self._autoscaling_sagemaker(op, p)
-        if prefix == "sagemaker" and op == "CreateTrainingJob":
+        if op == "CreateTrainingJob":
             key_id = (p.get("ResourceConfig") or {}).get("VolumeKmsKeyId")
             arn = w.key_arn(str(key_id)) if key_id else None
             if arn:

@@ -356,19 +356,21 @@ def principals_from_template(transformed: dict[str, Any], resolver: Any, account
         Function logical id -> physical name (the Lambda session name); defaults to ``resolver.refs``.
     """
     resources: dict[str, Any] = transformed.get("Resources", {})
-    stack = resolver.pseudo.get("AWS::StackName", "stack")
     conditions = getattr(resolver, "conditions", {})
+    active = {k: v for k, v in resources.items()
+              if "Condition" not in v or bool(conditions.get(v["Condition"], True))}
+    policy_set = PolicySet(principals=_roles(active, resolver, account))
+    _attach_policies(policy_set, active, resolver)
+    _link_users(policy_set, active, resolver, dict(function_names or {}))
+    return policy_set
 
-    def active(res: dict[str, Any]) -> bool:
-        return "Condition" not in res or bool(conditions.get(res["Condition"], True))
 
-    def role_arn(logical_id: str) -> str:
-        attrs = resolver.attrs.get(logical_id) or {}
-        return str(attrs.get("Arn") or f"arn:aws:iam::{account}:role/{stack}-{logical_id}")
-
-    policy_set = PolicySet(principals={})
+def _roles(resources: dict[str, Any], resolver: Any, account: str) -> dict[str, Principal]:
+    """Each ``AWS::IAM::Role`` with its inline policies' statements."""
+    stack = resolver.pseudo.get("AWS::StackName", "stack")
+    principals: dict[str, Principal] = {}
     for logical_id, res in resources.items():
-        if res.get("Type") != "AWS::IAM::Role" or not active(res):
+        if res.get("Type") != "AWS::IAM::Role":
             continue
         props = res.get("Properties", {})
         trust = props.get("AssumeRolePolicyDocument", {}).get("Statement", [])
@@ -378,13 +380,19 @@ def principals_from_template(transformed: dict[str, Any], resolver: Any, account
         for policy in props.get("Policies", []) or []:
             name = str(resolver.resolve(policy.get("PolicyName", "policy")))
             statements += _statements(logical_id, name, resolver.resolve(policy.get("PolicyDocument", {})))
-        policy_set.principals[logical_id] = Principal(
-            role=logical_id, arn=role_arn(logical_id), service=service,
-            session=_SESSIONS.get(service) or logical_id, statements=statements,
+        attrs = resolver.attrs.get(logical_id) or {}
+        principals[logical_id] = Principal(
+            role=logical_id, arn=str(attrs.get("Arn") or f"arn:aws:iam::{account}:role/{stack}-{logical_id}"),
+            service=service, session=_SESSIONS.get(service) or logical_id, statements=statements,
             managed_policy_arns=[str(a) for a in resolver.resolve(props.get("ManagedPolicyArns", []) or [])],
         )
+    return principals
+
+
+def _attach_policies(policy_set: PolicySet, resources: dict[str, Any], resolver: Any) -> None:
+    """Add each ``AWS::IAM::Policy``'s statements to the roles it names."""
     for logical_id, res in resources.items():
-        if res.get("Type") != "AWS::IAM::Policy" or not active(res):
+        if res.get("Type") != "AWS::IAM::Policy":
             continue
         props = res.get("Properties", {})
         for role_ref in props.get("Roles", []):
@@ -393,10 +401,11 @@ def principals_from_template(transformed: dict[str, Any], resolver: Any, account
                 name = str(resolver.resolve(props.get("PolicyName", logical_id)))
                 policy_set.principals[role].statements += _statements(
                     role, name, resolver.resolve(props.get("PolicyDocument", {})))
-    names = dict(function_names or {})
+
+
+def _link_users(policy_set: PolicySet, resources: dict[str, Any], resolver: Any, names: dict[str, str]) -> None:
+    """Record which role each function, state machine and event rule runs as (and the functions' session names)."""
     for logical_id, res in resources.items():
-        if not active(res):
-            continue
         props = res.get("Properties", {})
         kind = res.get("Type")
         if kind == "AWS::Lambda::Function":
@@ -416,7 +425,6 @@ def principals_from_template(transformed: dict[str, Any], resolver: Any, account
                 if role in policy_set.principals:
                     # SAM names a rule <resource><event id>; local mode's rules carry the same name.
                     policy_set.rules[logical_id] = role
-    return policy_set
 
 
 def describe(statement: Statement) -> str:

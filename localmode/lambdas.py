@@ -123,7 +123,7 @@ class LambdaRuntime:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / "lambda.log"
         self._log_file = self.log_path.open("a", buffering=1)
-        _SINK.target = self._log_file  # type: ignore[assignment]
+        _SINK.target = self._log_file
 
     def register(self, spec: FunctionSpec) -> None:
         """Make a function invocable by name, ARN or logical id."""

@@ -39,12 +39,14 @@ NOT_FOUND_MESSAGE = "Requested resource not found."
 
 def _has_local_nvme(instance_type: str) -> bool:
     """The stack's table of instance types with NVMe instance storage (lesion_common.instances, the layer)."""
-    common = str(Path(__file__).resolve().parent.parent / "layers" / "common")
-    if common not in sys.path:
-        sys.path.append(common)
     from lesion_common.instances import has_local_nvme
 
     return bool(has_local_nvme(instance_type))
+
+
+def _kill_if_running(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
 
 
 def name_taken_message(arn: str) -> str:
@@ -127,7 +129,7 @@ class TrainingJobRunner:
             proc = self.proc
         if proc is not None and proc.poll() is None:
             proc.terminate()
-            threading.Timer(STOP_GRACE_SECONDS, lambda: proc.poll() is None and proc.kill()).start()
+            threading.Timer(STOP_GRACE_SECONDS, _kill_if_running, args=(proc,)).start()
 
     # ----------------------------------------------------------------- status
     def _set_status(self, status: str, secondary: str, message: str) -> None:
@@ -350,9 +352,9 @@ def install(work_dir: Path, repo_root: Path, emit: Callable[[dict[str, Any]], No
         job.training_job_status = "InProgress"
         job.secondary_status = "Starting"
         job.final_metric_data_list = []
-        job.training_end_time = None
+        job.training_end_time = None  # type: ignore[assignment]  # moto's annotation; AWS has none until the end
         # moto invents an artifact location at once; SageMaker has none until the job uploads it.
-        job.model_artifacts = None
+        job.model_artifacts = None  # type: ignore[assignment]
         request = {
             "TrainingJobName": name,
             "HyperParameters": kwargs["hyper_parameters"],
@@ -399,7 +401,7 @@ def install(work_dir: Path, repo_root: Path, emit: Callable[[dict[str, Any]], No
         handler.sagemaker_backend.stop_training_job(handler._get_param("TrainingJobName"))
         return EmptyResult()
 
-    SageMakerModelBackend.create_training_job = create_training_job  # type: ignore[method-assign]
+    SageMakerModelBackend.create_training_job = create_training_job  # type: ignore[method-assign,assignment]
     SageMakerModelBackend.describe_training_job = describe_training_job  # type: ignore[method-assign]
     SageMakerModelBackend.stop_training_job = stop_training_job  # type: ignore[attr-defined]
     SageMakerResponse.stop_training_job = stop_training_job_response  # type: ignore[attr-defined]

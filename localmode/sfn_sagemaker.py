@@ -24,7 +24,7 @@ import json
 import logging
 from collections.abc import Callable
 from datetime import date, datetime
-from typing import Any
+from typing import Any, cast
 
 from botocore.exceptions import ClientError
 
@@ -74,18 +74,102 @@ def _operation_members(action: str) -> set[str]:
     return set(operation.input_shape.members) if operation.input_shape else set()
 
 
+def _check_fields(action: str, parameters: dict[str, Any]) -> None:
+    """Refuse fields the SageMaker action does not take, as Step Functions does."""
+    unknown = sorted(set(parameters) - _operation_members(action))
+    if unknown:
+        raise ValueError(f"The field(s) {unknown} are not supported by Step Functions for sagemaker:{action}")
+
+
+def _evaluate_left_paths(env: Any, parameters: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the ``"X.$"`` fields moto's parser left as text.
+
+    moto's ASL lexer reads ``"RoleArn.$"`` as the keyword of a Credentials block, so inside Parameters the
+    field keeps its name and its path unevaluated; Step Functions evaluates it like any other ``.$`` field.
+    """
+    from moto.stepfunctions.parser.asl.utils.json_path import extract_json
+
+    evaluated: dict[str, Any] = {}
+    for key, value in parameters.items():
+        if key.endswith(".$") and isinstance(value, str) and value.startswith("$"):
+            if value.startswith("$$"):
+                value = extract_json(value[1:], env.states.context_object.context_object_data)
+            else:
+                value = extract_json(value, env.states.get_input())
+            key = key[:-2]
+        evaluated[key] = value
+    return evaluated
+
+
+def _ensure_managed_rule(events: Any, region: str, account: str) -> None:
+    """The rule Step Functions manages for ``.sync`` training jobs (created on first use, as AWS does)."""
+    try:
+        events.describe_rule(Name=MANAGED_RULE)
+        return
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
+            raise
+    events.put_rule(Name=MANAGED_RULE, State="ENABLED", Description="Managed by Step Functions (local)",
+                    EventPattern=json.dumps({"source": ["aws.sagemaker"],
+                                             "detail-type": ["SageMaker Training Job State Change"]}))
+    # AWS's target is internal to Step Functions; local mode names the service's own ARN space.
+    events.put_targets(Rule=MANAGED_RULE, Targets=[{
+        "Id": "StepFunctions", "Arn": f"arn:aws:states:{region}:{account}:stateMachine:managed-rule-target"}])
+
+
+class JobWaiter:
+    """The ``.sync`` poll for one training job; ``stop()`` is what Step Functions does on abort or timeout."""
+
+    def __init__(self, service: Any, env: Any, client: Any, name: str):
+        self.service, self.env, self.client, self.name = service, env, client, name
+
+    def __call__(self) -> dict[str, Any] | None:
+        from moto.stepfunctions.parser.api import HistoryEventType, TaskFailedEventDetails
+        from moto.stepfunctions.parser.asl.component.common.error_name.failure_event import (
+            FailureEvent,
+            FailureEventException,
+        )
+        from moto.stepfunctions.parser.asl.component.common.error_name.states_error_name import StatesErrorName
+        from moto.stepfunctions.parser.asl.component.common.error_name.states_error_name_type import (
+            StatesErrorNameType,
+        )
+        from moto.stepfunctions.parser.asl.eval.event.event_detail import EventDetails
+
+        job = _json_value(self.client.describe_training_job(TrainingJobName=self.name))
+        status = job["TrainingJobStatus"]
+        if status not in _TERMINAL:
+            return None
+        if status == "Completed":
+            result: dict[str, Any] = job
+            return result
+        raise FailureEventException(FailureEvent(
+            env=self.env,
+            error_name=StatesErrorName(typ=StatesErrorNameType.StatesTaskFailed),
+            event_type=HistoryEventType.TaskFailed,
+            # moto declares every key of EventDetails required; an event has one.
+            event_details=EventDetails(taskFailedEventDetails=TaskFailedEventDetails(  # type: ignore[typeddict-item]
+                resource=self.service._get_sfn_resource(),
+                resourceType=self.service._get_sfn_resource_type(),
+                error=StatesErrorNameType.StatesTaskFailed.to_name(),
+                cause=json.dumps(job),
+            )),
+        ))
+
+    def stop(self) -> None:
+        try:
+            status = self.client.describe_training_job(TrainingJobName=self.name)["TrainingJobStatus"]
+            if status == "InProgress":
+                self.client.stop_training_job(TrainingJobName=self.name)
+                log.info("stopped training job %s: its state was aborted or timed out", self.name)
+        except ClientError:
+            log.exception("could not stop training job %s", self.name)
+
+
 def _service_class() -> type:
     """Build the integration class (moto's parser is imported only when local mode installs it)."""
     from moto.stepfunctions.parser.api import HistoryEventType, TaskFailedEventDetails
     from moto.stepfunctions.parser.asl.component.common.error_name.custom_error_name import CustomErrorName
-    from moto.stepfunctions.parser.asl.component.common.error_name.failure_event import (
-        FailureEvent,
-        FailureEventException,
-    )
-    from moto.stepfunctions.parser.asl.component.common.error_name.states_error_name import StatesErrorName
-    from moto.stepfunctions.parser.asl.component.common.error_name.states_error_name_type import (
-        StatesErrorNameType,
-    )
+    from moto.stepfunctions.parser.asl.component.common.error_name.failure_event import FailureEvent
     from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.resource import ResourceCondition
     from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_callback import (
         StateTaskServiceCallback,
@@ -93,68 +177,14 @@ def _service_class() -> type:
     from moto.stepfunctions.parser.asl.eval.event.event_detail import EventDetails
     from moto.stepfunctions.parser.asl.utils.boto_client import boto_client_for
 
-    def _evaluate_left_paths(env: Any, parameters: dict[str, Any]) -> dict[str, Any]:
-        """Evaluate the ``"X.$"`` fields moto's parser left as text.
-
-        moto's ASL lexer reads ``"RoleArn.$"`` as the keyword of a Credentials block, so inside Parameters the
-        field keeps its name and its path unevaluated; Step Functions evaluates it like any other ``.$`` field.
-        """
-        from moto.stepfunctions.parser.asl.utils.json_path import extract_json
-
-        evaluated: dict[str, Any] = {}
-        for key, value in parameters.items():
-            if key.endswith(".$") and isinstance(value, str) and value.startswith("$"):
-                if value.startswith("$$"):
-                    value = extract_json(value[1:], env.states.context_object.context_object_data)
-                else:
-                    value = extract_json(value, env.states.get_input())
-                key = key[:-2]
-            evaluated[key] = value
-        return evaluated
-
-    class JobWaiter:
-        """The ``.sync`` poll for one training job; ``stop()`` is what Step Functions does on abort or timeout."""
-
-        def __init__(self, service: Any, env: Any, client: Any, name: str):
-            self.service, self.env, self.client, self.name = service, env, client, name
-
-        def __call__(self) -> dict[str, Any] | None:
-            job = _json_value(self.client.describe_training_job(TrainingJobName=self.name))
-            status = job["TrainingJobStatus"]
-            if status not in _TERMINAL:
-                return None
-            if status == "Completed":
-                result: dict[str, Any] = job
-                return result
-            raise FailureEventException(FailureEvent(
-                env=self.env,
-                error_name=StatesErrorName(typ=StatesErrorNameType.StatesTaskFailed),
-                event_type=HistoryEventType.TaskFailed,
-                event_details=EventDetails(taskFailedEventDetails=TaskFailedEventDetails(
-                    resource=self.service._get_sfn_resource(),
-                    resourceType=self.service._get_sfn_resource_type(),
-                    error=StatesErrorNameType.StatesTaskFailed.to_name(),
-                    cause=json.dumps(job),
-                )),
-            ))
-
-        def stop(self) -> None:
-            try:
-                status = self.client.describe_training_job(TrainingJobName=self.name)["TrainingJobStatus"]
-                if status == "InProgress":
-                    self.client.stop_training_job(TrainingJobName=self.name)
-                    log.info("stopped training job %s: its state was aborted or timed out", self.name)
-            except ClientError:
-                log.exception("could not stop training job %s", self.name)
-
-    class StateTaskServiceSageMaker(StateTaskServiceCallback):  # type: ignore[misc]
+    class StateTaskServiceSageMaker(StateTaskServiceCallback):
         """Optimised SageMaker integration: request-response for every action, ``.sync`` for training jobs."""
 
         def __init__(self) -> None:
             # waitForTaskToken is listed only because moto's callback plumbing expects its endpoint; a state
             # that asks for it is refused below, as AWS refuses it for SageMaker.
-            super().__init__(supported_integration_patterns={ResourceCondition.WaitForTaskToken,
-                                                             ResourceCondition.Sync})
+            super().__init__(supported_integration_patterns=cast(
+                set[ResourceCondition], {ResourceCondition.WaitForTaskToken, ResourceCondition.Sync}))
 
         def _get_supported_parameters(self) -> set[str] | None:
             return _operation_members(self.resource.api_action)
@@ -165,10 +195,7 @@ def _service_class() -> type:
                 self.parargs.eval(env=env)
                 parameters = env.stack.pop()
             parameters = _evaluate_left_paths(env, parameters)
-            unknown = sorted(set(parameters) - _operation_members(self.resource.api_action))
-            if unknown:
-                raise ValueError(f"The field(s) {unknown} are not supported by Step Functions for "
-                                 f"sagemaker:{self.resource.api_action}")
+            _check_fields(self.resource.api_action, parameters)
             return parameters
 
         def _client(self, region: str, state_credentials: Any, service: str = "sagemaker") -> Any:
@@ -181,27 +208,13 @@ def _service_class() -> type:
                     env=env,
                     error_name=CustomErrorName(name),
                     event_type=HistoryEventType.TaskFailed,
-                    event_details=EventDetails(taskFailedEventDetails=TaskFailedEventDetails(
+                    # moto declares every key of EventDetails required; an event has one.
+                    event_details=EventDetails(taskFailedEventDetails=TaskFailedEventDetails(  # type: ignore[typeddict-item]
                         error=name, cause=error_cause(ex),
                         resource=self._get_sfn_resource(), resourceType=self._get_sfn_resource_type(),
                     )),
                 )
             return super()._from_error(env=env, ex=ex)
-
-        def _ensure_managed_rule(self, region: str, account: str, state_credentials: Any) -> None:
-            events = self._client(region, state_credentials, "events")
-            try:
-                events.describe_rule(Name=MANAGED_RULE)
-                return
-            except ClientError as err:
-                if err.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
-                    raise
-            events.put_rule(Name=MANAGED_RULE, State="ENABLED", Description="Managed by Step Functions (local)",
-                            EventPattern=json.dumps({"source": ["aws.sagemaker"],
-                                                     "detail-type": ["SageMaker Training Job State Change"]}))
-            # AWS's target is internal to Step Functions; local mode names the service's own ARN space.
-            events.put_targets(Rule=MANAGED_RULE, Targets=[{
-                "Id": "StepFunctions", "Arn": f"arn:aws:states:{region}:{account}:stateMachine:managed-rule-target"}])
 
         def _eval_service_task(self, env: Any, resource_runtime_part: Any, normalised_parameters: dict[str, Any],
                                state_credentials: Any) -> None:
@@ -211,7 +224,8 @@ def _service_class() -> type:
             is_sync_training = (self.resource.condition == ResourceCondition.Sync
                                 and self.resource.api_action == "createTrainingJob")
             if is_sync_training:
-                self._ensure_managed_rule(region, resource_runtime_part.account, state_credentials)
+                _ensure_managed_rule(self._client(region, state_credentials, "events"), region,
+                                     resource_runtime_part.account)
             client = self._client(region, state_credentials)
             response = getattr(client, self._get_boto_service_action())(**normalised_parameters)
             env.stack.append(_json_value(response))

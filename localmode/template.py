@@ -39,7 +39,7 @@ class TemplateRuleError(ValueError):
     """A Rules assertion failed: CloudFormation refuses the stack before creating anything."""
 
 
-class _CfnLoader(yaml.SafeLoader):
+class _CfnLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]  # C: ~5x faster
     """A YAML loader that turns ``!Tag`` short forms into their long ``{"Fn::X": ...}`` forms."""
 
 
@@ -52,7 +52,7 @@ def _make_constructor(long_name: str) -> Callable[[yaml.Loader, yaml.Node], dict
         elif isinstance(node, yaml.SequenceNode):
             value = loader.construct_sequence(node, deep=True)
         else:
-            value = loader.construct_mapping(node, deep=True)  # type: ignore[arg-type]
+            value = loader.construct_mapping(node, deep=True)
         return {long_name: value}
 
     return construct
@@ -177,52 +177,61 @@ class Resolver:
             return node
         if len(node) == 1:
             (key, arg), = node.items()
-            if key == "Ref":
-                return self._ref(arg)
-            if key == "Condition" and isinstance(arg, str):
-                return self.conditions[arg]
-            if key == "Fn::GetAtt":
-                logical, attribute = arg if isinstance(arg, list) else arg.split(".", 1)
-                return self._getatt(logical, attribute)
-            if key == "Fn::Sub":
-                if isinstance(arg, list):
-                    return self._sub(arg[0], {k: self.resolve(v) for k, v in arg[1].items()})
-                return self._sub(arg, {})
-            if key == "Fn::If":
-                name, when_true, when_false = arg
-                return self.resolve(when_true if self.conditions[name] else when_false)
-            if key == "Fn::Equals":
-                a, b = (self.resolve(x) for x in arg)
-                return str(a) == str(b)
-            if key == "Fn::Not":
-                return not self.resolve(arg[0])
-            if key == "Fn::And":
-                return all(self.resolve(x) for x in arg)
-            if key == "Fn::Or":
-                return any(self.resolve(x) for x in arg)
-            if key == "Fn::Join":
-                sep, items = arg
-                return sep.join(str(x) for x in self.resolve(items))
-            if key == "Fn::Select":
-                index, items = arg
-                return self.resolve(items)[int(self.resolve(index))]
-            if key == "Fn::Split":
-                sep, text = arg
-                return str(self.resolve(text)).split(sep)
-            if key == "Fn::Contains":
-                members, value = (self.resolve(x) for x in arg)
-                return str(value) in {str(m) for m in members}
-            if key == "Fn::EachMemberEquals":
-                members, value = (self.resolve(x) for x in arg)
-                return all(str(m) == str(value) for m in members)
-            if key == "Fn::EachMemberIn":
-                members, allowed = (self.resolve(x) for x in arg)
-                return {str(m) for m in members} <= {str(a) for a in allowed}
-            if key == "Fn::ToJsonString":
-                return json.dumps(self.resolve(arg))
+            if key in ("Ref", "Fn::GetAtt", "Fn::Sub", "Fn::If") or (key == "Condition" and isinstance(arg, str)):
+                return self._reference(key, arg)
             if key.startswith("Fn::"):
-                raise NotImplementedError(f"{key} is not supported in local mode")
+                return self._function(key, arg)
         return {k: v for k, v in ((k, self.resolve(v)) for k, v in node.items()) if v is not _NO_VALUE}
+
+
+    def _reference(self, key: str, arg: Any) -> Any:
+        """``Ref``, ``Condition``, ``Fn::GetAtt``, ``Fn::Sub`` and ``Fn::If``: what names a value."""
+        if key == "Ref":
+            return self._ref(arg)
+        if key == "Condition":
+            return self.conditions[arg]
+        if key == "Fn::GetAtt":
+            logical, attribute = arg if isinstance(arg, list) else arg.split(".", 1)
+            return self._getatt(logical, attribute)
+        if key == "Fn::Sub":
+            if isinstance(arg, list):
+                return self._sub(arg[0], {k: self.resolve(v) for k, v in arg[1].items()})
+            return self._sub(arg, {})
+        name, when_true, when_false = arg  # Fn::If
+        return self.resolve(when_true if self.conditions[name] else when_false)
+
+    def _function(self, key: str, arg: Any) -> Any:
+        """The other ``Fn::`` functions: conditions, lists, strings (the Rules functions included)."""
+        if key == "Fn::Equals":
+            a, b = (self.resolve(x) for x in arg)
+            return str(a) == str(b)
+        if key == "Fn::Not":
+            return not self.resolve(arg[0])
+        if key == "Fn::And":
+            return all(self.resolve(x) for x in arg)
+        if key == "Fn::Or":
+            return any(self.resolve(x) for x in arg)
+        if key == "Fn::Join":
+            sep, items = arg
+            return sep.join(str(x) for x in self.resolve(items))
+        if key == "Fn::Select":
+            index, items = arg
+            return self.resolve(items)[int(self.resolve(index))]
+        if key == "Fn::Split":
+            sep, text = arg
+            return str(self.resolve(text)).split(sep)
+        if key == "Fn::Contains":
+            members, value = (self.resolve(x) for x in arg)
+            return str(value) in {str(m) for m in members}
+        if key == "Fn::EachMemberEquals":
+            members, value = (self.resolve(x) for x in arg)
+            return all(str(m) == str(value) for m in members)
+        if key == "Fn::EachMemberIn":
+            members, allowed = (self.resolve(x) for x in arg)
+            return {str(m) for m in members} <= {str(a) for a in allowed}
+        if key == "Fn::ToJsonString":
+            return json.dumps(self.resolve(arg))
+        raise NotImplementedError(f"{key} is not supported in local mode")
 
 
 class _NoValue:
@@ -231,6 +240,11 @@ class _NoValue:
 
 
 _NO_VALUE = _NoValue()
+
+
+def _constant(value: str) -> Callable[[], str]:
+    """A default factory that always gives ``value``."""
+    return lambda: value
 
 
 def function_environment(template: dict[str, Any], logical_id: str, parameters: Mapping[str, str] | None = None,
@@ -247,7 +261,7 @@ def function_environment(template: dict[str, Any], logical_id: str, parameters: 
                                            "AWS::StackName": stack_name, "AWS::Partition": "aws"})
     for name in template["Resources"]:
         resolver.refs[name] = name.lower()
-        resolver.attrs[name] = defaultdict(lambda n=name: f"arn:aws:x:eu-west-1:123456789012:{n.lower()}")
+        resolver.attrs[name] = defaultdict(_constant(f"arn:aws:x:eu-west-1:123456789012:{name.lower()}"))
     env = dict(template.get("Globals", {}).get("Function", {}).get("Environment", {}).get("Variables", {}))
     env.update(template["Resources"][logical_id]["Properties"].get("Environment", {}).get("Variables", {}))
     return {k: str(v) for k, v in resolver.resolve(env).items()}

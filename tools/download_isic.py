@@ -28,14 +28,9 @@ from typing import Any
 
 import requests
 
+from lesion_common.labels import archive_code, to_label_set
 from tools.cli import ToolError, run_main
 from tools.progress import Progress
-
-_LAYER = Path(__file__).resolve().parents[1] / "layers" / "common"
-if str(_LAYER) not in sys.path:
-    # The label sets' one home is the common layer (as in tools/upload_dataset.py).
-    sys.path.append(str(_LAYER))
-from lesion_common.labels import archive_code, to_label_set  # noqa: E402
 
 DEFAULT_BASE_URL = "https://api.isic-archive.com/api/v2"
 PAGE_SIZE = 100
@@ -244,6 +239,24 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     return {"files": {}}
 
 
+def _complete_file_sha256(path: Path, size: int | None, sums: dict[str, str],
+                          entry: dict[str, Any] | None) -> str | None:
+    """The SHA-256 of ``path`` when it is already the expected file: the size the archive states, the digests it
+    gives (``sums``) and the manifest's ``entry``; None when it is not, or when nothing can confirm it."""
+    if not path.is_file() or (size is not None and path.stat().st_size != size):
+        return None
+    if entry is None and size is None:
+        return None  # nothing to check it against
+    sha = _sha256(path)
+    if entry is not None and (entry.get("sha256") != sha or entry.get("size") != path.stat().st_size):
+        return None
+    if "sha256" in sums and sums["sha256"] != sha:
+        return None
+    if "md5" in sums and hashlib.md5(path.read_bytes()).hexdigest() != sums["md5"]:
+        return None
+    return sha
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -313,17 +326,9 @@ def download_dataset(out: Path, *, dataset: str = "ham10000", collections: list[
         _write_atomic(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
 
     def verified(isic_id: str, path: Path, size: int | None, sums: dict[str, str]) -> bool:
-        if not path.is_file() or (size is not None and path.stat().st_size != size):
-            return False
         entry = files.get(isic_id)
-        if entry is None and size is None:
-            return False  # nothing to check it against
-        sha = _sha256(path)
-        if entry is not None and (entry.get("sha256") != sha or entry.get("size") != path.stat().st_size):
-            return False
-        if "sha256" in sums and sums["sha256"] != sha:
-            return False
-        if "md5" in sums and hashlib.md5(path.read_bytes()).hexdigest() != sums["md5"]:
+        sha = _complete_file_sha256(path, size, sums, entry)
+        if sha is None:
             return False
         if entry is None:
             # Complete by size (a rename only follows verification) but missing from a manifest that was

@@ -18,22 +18,17 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import boto3
 from botocore.exceptions import ClientError
 
-from tools.cli import ToolError, check_data_bucket, data_bucket_of_stack, describe_stack, region, run_main
+from lesion_common.labels import ALL_CODES, DEFAULT_LABEL_SET, LABEL_SETS, classes_for
 
-_REPO = Path(__file__).resolve().parents[1]
-for _layer in ("common", "monitoring"):
-    if str(_REPO / "layers" / _layer) not in sys.path:
-        # The parser is evaluate_quality's own (the monitoring layer), so what passes here passes there.
-        sys.path.append(str(_REPO / "layers" / _layer))
-from lesion_common.labels import ALL_CODES, DEFAULT_LABEL_SET, LABEL_SETS, classes_for  # noqa: E402
-from lesion_monitoring.quality import GroundTruth, GroundTruthFormatError, parse_ground_truth  # noqa: E402
+# The parser is evaluate_quality's own (the monitoring layer), so what passes here passes there.
+from lesion_monitoring.quality import GroundTruth, GroundTruthFormatError, parse_ground_truth
+from tools.cli import ToolError, check_data_bucket, data_bucket_of_stack, describe_stack, region, run_main
 
 PREFIX = "ground-truth/"
 # evaluate_quality refuses larger files (its MAX_GROUND_TRUTH_BYTES; a test checks the two agree).

@@ -27,14 +27,10 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
+# The label-CSV reader is the validation handler's own (the common layer), so the check here agrees with it.
+from lesion_common.labels import ALL_CODES, MetadataFormatError, parse_metadata_csv
 from tools.cli import ToolError, aws_message, check_data_bucket, data_bucket_of_stack, region, run_main
 from tools.progress import Progress
-
-_LAYER = Path(__file__).resolve().parents[1] / "layers" / "common"
-if str(_LAYER) not in sys.path:
-    # The label-CSV reader is the validation handler's own (the common layer), so the check here agrees with it.
-    sys.path.append(str(_LAYER))
-from lesion_common.labels import ALL_CODES, MetadataFormatError, parse_metadata_csv  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 # Multipart above 16 MB, in 16 MB parts: dermoscopy originals are a few MB, so most uploads are one request.

@@ -9,11 +9,8 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lesionml.archs import ARCHITECTURES, TORCHVISION_ARCHS  # noqa: E402
+from lesionml.archs import ARCHITECTURES, TORCHVISION_ARCHS
 
 
 def download() -> int:

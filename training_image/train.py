@@ -23,12 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-# The repository root (/opt/program in the image) must be importable when run as a script.
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-from training_image.config import (  # noqa: E402
+from training_image.config import (
     ConfigError,
     Paths,
     build_config,

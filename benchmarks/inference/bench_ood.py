@@ -111,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
             name, _, path = spec.rpartition("=")
             dirs[name or path] = Path(path)
         if not dirs:
-            sys.path.insert(0, str(REPO))
             from tests.inference.model_factory import build_model_dir
 
             dirs = {"test model (tests/inference/model_factory.py)": build_model_dir(Path(tmp) / "model")}

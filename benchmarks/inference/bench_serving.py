@@ -356,7 +356,6 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir
         if model_dir is None:
-            sys.path.insert(0, str(REPO))
             from tests.inference.model_factory import build_model_dir
 
             model_dir = build_model_dir(Path(tmp) / "model")

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -34,7 +35,7 @@ import numpy as np
 import yaml
 
 from benchmarks.ingestion.variants import REPO, VARIANTS, image_paths, make_variant
-from lesion_common.manifest import FINAL_STATUSES
+from lesion_common.reconcile import reconcile
 from lesion_common.uploads import INCOMING
 
 BUCKET = "bench-data"
@@ -211,12 +212,10 @@ def run(count: int, near_fraction: float, seed: int, legacy: bool) -> dict[str, 
                 if not ref_dup:
                     reference = np.vstack([reference, bits[None, :]])
                     reference_sha.add(out["sha256"])
-        # Every upload ends in exactly one of the three statuses.
-        by_source: dict[str, str] = {}
-        for page in ddb.get_paginator("scan").paginate(TableName="manifest"):
-            for item in page["Items"]:
-                by_source[item["source_key"]["S"]] = item["status"]["S"]
-        unreconciled = sum(1 for k in keys if by_source.get(k) not in FINAL_STATUSES)
+        # Every upload ends in exactly one of the three statuses: what tools.reconcile and the hourly check see.
+        report = reconcile(s3, ddb, BUCKET, "manifest", grace=timedelta(0))
+        unreconciled = len(report.unreconciled)
+        assert report.images == len(keys), (report.images, len(keys))
 
     def tail(values: list[float], start: float) -> list[float]:
         return values[int(len(values) * start):] or values

@@ -8,19 +8,15 @@ re-saved. Every variant is deterministic (no randomness), so runs compare.
 from __future__ import annotations
 
 import io
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+from PIL import Image
+
+from lesion_imaging.validation import ValidationLimits, validate_image_bytes
+
 REPO = Path(__file__).resolve().parents[2]
-for _layer in ("common", "imaging"):
-    if str(REPO / "layers" / _layer) not in sys.path:
-        sys.path.insert(0, str(REPO / "layers" / _layer))
-
-from PIL import Image  # noqa: E402
-
-from lesion_imaging.validation import ValidationLimits, validate_image_bytes  # noqa: E402
 
 SHARED: Final = REPO.parent / "shared" / "data"
 HAM_IMAGES: Final = SHARED / "ham10000" / "images"

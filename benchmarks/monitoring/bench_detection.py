@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/monitoring/bench_detection.py [--reference 300] [--window 200] [--draws 5]
+    python -m benchmarks.monitoring.bench_detection [--reference 300] [--window 200] [--draws 5]
 
 Same material as tests/monitoring/test_drift_real.py (EfficientNet-Lite0 ImageNet features, reference from
 HAM10000 training-split images, windows from test-split images), with a finer grid: for each change and severity,
@@ -16,21 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
-for extra in (REPO, REPO / "layers" / "common", REPO / "layers" / "monitoring"):
-    sys.path.insert(0, str(extra))
-
-from lesion_monitoring.drift import DriftBatch, compute_drift  # noqa: E402
-from lesion_monitoring.records import from_container_record  # noqa: E402
-from tests.monitoring import realdata as rd  # noqa: E402
+from lesion_monitoring.drift import DriftBatch, compute_drift
+from lesion_monitoring.records import from_container_record
+from tests.monitoring import realdata as rd
 
 GRID = {
     "colour_cast": (0.02, 0.03, 0.04, 0.06, 0.08),

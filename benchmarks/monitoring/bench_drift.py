@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/monitoring/bench_drift.py [--sizes 1000 10000 100000] [--repeats 3] [--records-per-file 1000]
+    python -m benchmarks.monitoring.bench_drift [--sizes 1000 10000 100000] [--repeats 3] [--records-per-file 1000]
 
 What is timed is the detect_drift Lambda's work after S3 has answered: listing, reading the Data Capture files
 (realistic lines: a ~5.5 KB base64 JPEG input, the JSON answer with its monitoring block), parsing them on the
@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-for extra in (REPO, REPO / "layers" / "common", REPO / "layers" / "monitoring"):
-    sys.path.insert(0, str(extra))
 
 HOUR = datetime(2026, 11, 29, 9, tzinfo=UTC)
 POOL_FILES = 8
@@ -130,9 +128,9 @@ def main() -> None:
           "RSS before MB (of it, file pool) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for n in args.sizes:
-        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--repeats", str(args.repeats),
-                              "--records-per-file", str(args.records_per_file)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-m", "benchmarks.monitoring.bench_drift", "--one", str(n), "--repeats",
+                              str(args.repeats), "--records-per-file", str(args.records_per_file)],
+                             cwd=REPO, capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"| {r['records']:,} | {r['files']} | {r['bytes_per_line']:,} | {r['read_parse_s']:.2f} | "
               f"{r['tests_s']:.2f} | {r['total_s']:.2f} | {r['total_s'] / n * 10_000:.2f} | {r['peak_rss_mb']:.0f} | "

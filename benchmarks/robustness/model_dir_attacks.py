@@ -24,14 +24,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks.robustness.ping_under_load import default_model_dir
+from lesionml.model_dir import manifest_digest
+from tests.inference.helpers import another_model, flip_weight_bytes, reorder_classes, server_env
+from tests.inference.model_factory import reseal
 
-from benchmarks.robustness.ping_under_load import default_model_dir  # noqa: E402
-from lesionml.model_dir import manifest_digest  # noqa: E402
-from tests.inference.helpers import another_model, flip_weight_bytes, reorder_classes, server_env  # noqa: E402
-from tests.inference.model_factory import reseal  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -42,11 +42,9 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from tests.inference.helpers import largest_admitted_png
 
-from tests.inference.helpers import largest_admitted_png  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 SAMPLE_JPEG = REPO / "data" / "sample" / "images" / "ISIC_0024323.jpg"
 RESULTS = Path(__file__).resolve().parent / "results"

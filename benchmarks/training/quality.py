@@ -5,7 +5,7 @@ exactly as the training job would, then checks the test-split figures of ``metri
 macro ROC-AUC >= 0.95, balanced accuracy >= 0.75, melanoma sensitivity >= 0.70 (at the threshold chosen on
 validation). The default hyperparameters are the CPU configuration that fits in about 30 minutes on 2 cores.
 
-    python benchmarks/training/quality.py --data ../shared/data/ham10000 --work /tmp/ham-quality [--hp epochs=6]
+    python -m benchmarks.training.quality --data ../shared/data/ham10000 --work /tmp/ham-quality [--hp epochs=6]
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from lesionml.prepare_ham import make_job_dir, read_ham_metadata, split_by_lesion
 
-from lesionml.prepare_ham import make_job_dir, read_ham_metadata, split_by_lesion  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 TARGETS = {"macro_auc": 0.95, "balanced_accuracy": 0.75, "melanoma_sensitivity": 0.70}
 # CPU configuration: the images upsampled to 256x192 (about the pixel count of the 224x224 ImageNet training
@@ -62,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(" ".join(f"{k}={len(v)}" for k, v in splits.items()), "images; hyperparameters", hps, flush=True)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
-    env.update({"SM_BASE_DIR": str(job), "PYTHONPATH": str(ROOT)})
+    # The training image's PYTHONPATH (training_image/Dockerfile): the repository and the common layer.
+    env.update({"SM_BASE_DIR": str(job), "PYTHONPATH": os.pathsep.join((str(ROOT), str(ROOT / "layers" / "common")))})
     log_path = args.work / "train.log"
     t0 = time.time()
     with open(log_path, "w") as log:

@@ -10,7 +10,7 @@ Measurements alternate between the loops (A, B, A, B, ...) so that load from oth
 the first ``--warmup`` steps of each measurement are not timed. Reported: median images/s per loop and the
 ratio project / reference (target >= 1.0).
 
-    python benchmarks/training/throughput.py [--arch efficientnet_lite0] [--threads 2] [--repeats 3]
+    python -m benchmarks.training.throughput [--arch efficientnet_lite0] [--threads 2] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -24,26 +24,25 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-
-from lesionml.labels import class_index  # noqa: E402
-from lesionml.models import build_model, param_groups  # noqa: E402
-from lesionml.preprocessing import PreprocessingSpec  # noqa: E402
-from training_image.config import build_config  # noqa: E402
-from training_image.data import (  # noqa: E402
+from lesionml.labels import class_index
+from lesionml.models import build_model, param_groups
+from lesionml.preprocessing import PreprocessingSpec
+from training_image.config import build_config
+from training_image.data import (
     Sample,
     TrainDataset,
     TrainImages,
     balanced_weights,
     class_counts,
 )
-from training_image.trainer import _loader, _ShardedSampler, amp_dtype, lr_lambdas, train_epoch  # noqa: E402
+from training_image.trainer import _loader, _ShardedSampler, amp_dtype, lr_lambdas, train_epoch
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _samples(metadata: Path, images: Path, n: int) -> list[Sample]:

@@ -6,7 +6,7 @@ view sets and ways of averaging: validation figures to choose by (macro ROC-AUC,
 with decision offsets fitted on validation, and the same by two-fold cross-validation within validation), and the
 test figures for the record.
 
-    python benchmarks/training/tta_views.py --job /tmp/ham-quality/job --json /tmp/tta_views.json
+    python -m benchmarks.training.tta_views --job /tmp/ham-quality/job --json /tmp/tta_views.json
 
 Results: benchmarks/training/RESULTS.md ("Test-time augmentation").
 """
@@ -24,12 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from lesionml import metrics as M  # noqa: E402
-from lesionml.models import build_model, dihedral_views  # noqa: E402
-from lesionml.preprocessing import preprocess_batch, read_spec  # noqa: E402
+from lesionml import metrics as M
+from lesionml.models import build_model, dihedral_views
+from lesionml.preprocessing import preprocess_batch, read_spec
 
 
 def per_view_probs(job: Path, split: str, classes: Sequence[str], batch: int = 4) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/validation/bench_validate.py [--images N] [--repeats R] [--phash-study]
+    python -m benchmarks.validation.bench_validate [--images N] [--repeats R] [--phash-study]
 
 Single core: BLAS threads are pinned to one before NumPy loads, and Pillow decodes/encodes on the calling thread.
 Both loops run over the same in-memory bytes, alternating in chunks, timed in process CPU seconds, best of R
@@ -28,9 +28,6 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "layers" / "imaging"))
-
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -41,6 +38,8 @@ from lesion_imaging.validation import (  # noqa: E402
     phash,
     validate_image_bytes,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 SHARED = REPO.parent / "shared" / "data"
 HAM = SHARED / "ham10000"

@@ -4,6 +4,11 @@ Reads the manifest table (not a bucket listing), counts validated images per cla
 last registered model, and, when the minimums are met, writes the train/validation/test manifests (split by
 lesion, as recorded at validation time) and a SageMaker ManifestFile for the images channel.
 
+At archive scale: the class counts kept at validation time (``lesion_common.class_counts``) and a count of the
+index's items newer than the last model decide "not enough yet" without reading the manifest; it is read in full
+(only the attributes the dataset needs) when they say "enough" or are over a week old, and the dataset files are
+streamed to S3 part by part. benchmarks/ingestion/check_data_scale.py measures time and memory at 100k and 1M.
+
 The dataset holds each picture once (items with equal clean-bytes sha256 are one picture recorded twice), and
 pictures that are linked (the same lesion, or the same picture under two lesions) share one split, so that no
 picture and no lesion is on both sides of a split even when validation let a copy through.
@@ -16,7 +21,8 @@ import io
 import json
 import os
 from collections import Counter
-from datetime import UTC, datetime
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import boto3
@@ -25,15 +31,19 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field
 
+from lesion_common.class_counts import read_counts, reset_counts
 from lesion_common.labels import classes_for
-from lesion_common.manifest import DUPLICATE, VALIDATED, items_with_status
+from lesion_common.manifest import DUPLICATE, VALIDATED, count_since, items_with_status
 from lesion_common.parsing import parse_event
+from lesion_common.s3_stream import S3Writer
 from lesion_common.uploads import VALIDATED_PREFIX, path_under_validated
 
 logger = Logger()
 metrics = Metrics()
 
 MANIFEST_TABLE = os.environ["MANIFEST_TABLE"]
+# lesion_common.class_counts keeps the class counts there, beside the hash index (both derived from the manifest).
+HASH_INDEX_TABLE = os.environ["HASH_INDEX_TABLE"]
 DATA_BUCKET = os.environ["DATA_BUCKET"]
 ARTIFACTS_BUCKET = os.environ["ARTIFACTS_BUCKET"]
 MODEL_PACKAGE_GROUP = os.environ["MODEL_PACKAGE_GROUP"]
@@ -47,8 +57,14 @@ STATUS_SHARDS = int(os.environ["STATUS_SHARDS"])
 s3 = boto3.client("s3")
 sagemaker = boto3.client("sagemaker")
 table = boto3.resource("dynamodb").Table(MANIFEST_TABLE)
+ddb = boto3.client("dynamodb")  # the class counts speak DynamoDB's own types (a resource's client converts them)
 
 SPLITS = ("train", "validation", "test")
+# The class counts are made exact at every full read; older than this, they are not trusted to say "not enough".
+RECONCILE_AFTER = timedelta(days=7)
+# What the dataset needs of a VALIDATED item: a third of the item in memory. Every name is aliased: ``key`` and
+# ``split`` are reserved words, and so may be names added later.
+VALIDATED_ATTRIBUTES = ("image_id", "label", "lesion_id", "split", "sha256", "key", "validated_at")
 
 
 class Trigger(BaseModel):
@@ -89,8 +105,10 @@ def last_model_time(sm: Any, group: str) -> datetime | None:
 
 
 def validated_images(tbl: Any, shards: int | None = None) -> list[dict[str, Any]]:
-    """All manifest items with status VALIDATED, through every shard of the by-status-shard index."""
-    return items_with_status(tbl, VALIDATED, STATUS_SHARDS if shards is None else shards)
+    """All manifest items with status VALIDATED (the attributes the dataset needs), through every shard of the
+    by-status-shard index."""
+    names = {f"#a{i}": name for i, name in enumerate(VALIDATED_ATTRIBUTES)}
+    return items_with_status(tbl, VALIDATED, STATUS_SHARDS if shards is None else shards, ", ".join(names), names)
 
 
 def duplicate_links(tbl: Any, shards: int | None = None) -> list[dict[str, Any]]:
@@ -175,6 +193,21 @@ def one_row_per_picture(
     return rows, len(labelled) - len(rows)
 
 
+def shortfalls(counts: Mapping[str, int], split_counts: Mapping[str, Mapping[str, int]], new: int,
+               classes: list[str], force: bool) -> list[str]:
+    """Why the data does not suffice (empty: it does)."""
+    reasons: list[str] = []
+    if new < MIN_NEW_IMAGES and not force:
+        reasons.append(f"{new} new validated images since the last model, {MIN_NEW_IMAGES} needed")
+    for c in classes:
+        if counts.get(c, 0) < MIN_IMAGES_PER_CLASS:
+            reasons.append(f"class {c} has {counts.get(c, 0)} validated images, {MIN_IMAGES_PER_CLASS} needed")
+        for s in SPLITS:
+            if counts.get(c, 0) >= MIN_IMAGES_PER_CLASS and split_counts[s].get(c, 0) == 0:
+                reasons.append(f"class {c} has no {s} images")
+    return reasons
+
+
 def assess(
     items: list[dict[str, Any]],
     classes: list[str],
@@ -188,22 +221,14 @@ def assess(
     -------
     dict
         ``enough`` (bool), ``reasons`` (why not), ``counts``, ``splitCounts``, ``newImages``, ``totalImages``,
-        ``droppedCopies`` (items left out as copies of another, see :func:`one_row_per_picture`), and ``rows``
-        (the usable items, each picture once).
+        ``droppedCopies`` (items left out as copies of another, see :func:`one_row_per_picture`), ``rows``
+        (the usable items, each picture once) and ``exact`` (``{class: {split: n}}``, for the class counts).
     """
     rows, dropped = one_row_per_picture(items, links or [], classes)
     new = [r for r in rows if since is None or _parse_time(str(r.get("validated_at", ""))) > since]
     counts = Counter(r["label"] for r in rows)
     split_counts = {s: Counter(r["label"] for r in rows if r.get("split") == s) for s in SPLITS}
-    reasons: list[str] = []
-    if len(new) < MIN_NEW_IMAGES and not force:
-        reasons.append(f"{len(new)} new validated images since the last model, {MIN_NEW_IMAGES} needed")
-    for c in classes:
-        if counts[c] < MIN_IMAGES_PER_CLASS:
-            reasons.append(f"class {c} has {counts[c]} validated images, {MIN_IMAGES_PER_CLASS} needed")
-        for s in SPLITS:
-            if counts[c] >= MIN_IMAGES_PER_CLASS and split_counts[s][c] == 0:
-                reasons.append(f"class {c} has no {s} images")
+    reasons = shortfalls(counts, split_counts, len(new), classes, force)
     return {
         "enough": not reasons,
         "reasons": reasons,
@@ -212,32 +237,62 @@ def assess(
         "newImages": len(new),
         "totalImages": len(rows),
         "droppedCopies": dropped,
+        "countedFrom": "manifest",
         "rows": rows,
+        "exact": {c: {s: split_counts[s][c] for s in SPLITS} for c in classes},
     }
 
 
+def quick_check(client: Any, tbl: Any, classes: list[str], since: datetime | None, force: bool,
+                now: datetime) -> dict[str, Any] | None:
+    """The "not enough yet" decision from the class counts, when they are recent; None when the manifest must be
+    read (the counts say enough, are stale or were never made exact).
+
+    Reads: ``len(classes) * 3 * 16`` counter keys, and the index's items newer than the last model (COUNT only).
+    """
+    counts_by_split, reconciled = read_counts(client, HASH_INDEX_TABLE, classes)
+    if reconciled is None or now - reconciled > RECONCILE_AFTER:
+        return None
+    counts = {c: sum(counts_by_split[c].values()) for c in classes}
+    split_counts = {s: {c: counts_by_split[c][s] for c in classes} for s in SPLITS}
+    new = (count_since(tbl, VALIDATED, STATUS_SHARDS, since.astimezone(UTC).isoformat(timespec="milliseconds"))
+           if since else sum(counts.values()))
+    reasons = shortfalls(counts, split_counts, new, classes, force)
+    if not reasons:
+        return None
+    return {"enough": False, "reasons": reasons, "counts": counts,
+            "splitCounts": {s: sum(split_counts[s].values()) for s in SPLITS}, "newImages": new,
+            "totalImages": sum(counts.values()), "droppedCopies": None, "countedFrom": "class counts",
+            "countsMadeExactAt": reconciled.isoformat()}
+
+
 def write_dataset(client: Any, rows: list[dict[str, Any]], classes: list[str], prefix: str) -> dict[str, str]:
-    """Write ``<split>.csv``, ``classes.json`` and ``images.manifest`` under ``s3://ARTIFACTS_BUCKET/<prefix>``.
+    """Write ``<split>.csv``, ``classes.json`` and ``images.manifest`` under ``s3://ARTIFACTS_BUCKET/<prefix>``,
+    each streamed in parts (:class:`lesion_common.s3_stream.S3Writer`), so memory holds one part of a file.
 
     Rewriting the same execution's dataset yields the same objects, so a retried state is harmless.
     """
     ordered = sorted(rows, key=lambda r: r["image_id"])
     for split in SPLITS:
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["image_id", "path", "label", "lesion_id"])
-        for r in ordered:
-            if r.get("split") == split:
-                writer.writerow([r["image_id"], path_under_validated(r["key"]), r["label"], r["lesion_id"]])
-        client.put_object(Bucket=ARTIFACTS_BUCKET, Key=f"{prefix}{split}.csv", Body=buf.getvalue().encode())
+        with S3Writer(client, ARTIFACTS_BUCKET, f"{prefix}{split}.csv") as out:
+            out.write("image_id,path,label,lesion_id\n")
+            for r in ordered:
+                if r.get("split") == split:
+                    buf = io.StringIO()
+                    csv.writer(buf, lineterminator="\n").writerow(
+                        [r["image_id"], path_under_validated(r["key"]), r["label"], r["lesion_id"]])
+                    out.write(buf.getvalue())
     client.put_object(
         Bucket=ARTIFACTS_BUCKET,
         Key=f"{prefix}classes.json",
         Body=json.dumps({"label_set": LABEL_SET, "classes": classes}).encode(),
     )
-    prefix_line = {"prefix": f"s3://{DATA_BUCKET}/{VALIDATED_PREFIX}"}
-    manifest = [prefix_line] + [path_under_validated(r["key"]) for r in ordered]
-    client.put_object(Bucket=ARTIFACTS_BUCKET, Key=f"{prefix}images.manifest", Body=json.dumps(manifest).encode())
+    # A SageMaker ManifestFile is one JSON array: written element by element.
+    with S3Writer(client, ARTIFACTS_BUCKET, f"{prefix}images.manifest") as out:
+        out.write("[" + json.dumps({"prefix": f"s3://{DATA_BUCKET}/{VALIDATED_PREFIX}"}))
+        for r in ordered:
+            out.write(", " + json.dumps(path_under_validated(r["key"])))
+        out.write("]")
     return {
         "manifestsUri": f"s3://{ARTIFACTS_BUCKET}/{prefix}",
         "imagesManifestUri": f"s3://{ARTIFACTS_BUCKET}/{prefix}images.manifest",
@@ -251,8 +306,12 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     req = parse_event(CheckDataEvent, event, "invalid retraining request")
     classes = classes_for(LABEL_SET)
     since = last_model_time(sagemaker, MODEL_PACKAGE_GROUP)
-    result = assess(validated_images(table), classes, since, req.request.force, duplicate_links(table))
-    rows = result.pop("rows")
+    result = quick_check(ddb, table, classes, since, req.request.force, datetime.now(UTC))
+    rows: list[dict[str, Any]] = []
+    if result is None:
+        result = assess(validated_images(table), classes, since, req.request.force, duplicate_links(table))
+        rows = result.pop("rows")
+        reset_counts(ddb, HASH_INDEX_TABLE, result.pop("exact"))
     metrics.add_metric(name="NewValidatedImages", unit=MetricUnit.Count, value=result["newImages"])
     out: dict[str, Any] = {
         **result,

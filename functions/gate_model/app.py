@@ -45,7 +45,8 @@ def judge(candidate: GatedMetrics, baseline: GatedMetrics | None) -> dict[str, A
     Returns
     -------
     dict
-        ``passed``, ``failures`` (one entry per failed check, naming the metric) and a one-line ``summary``.
+        ``passed``, ``failures`` (one entry per failed check, naming the metric), a one-line ``summary``, and the
+        rules applied (``thresholds``, ``maxRegression``), which the reviewer's notification shows.
     """
     failures: list[dict[str, Any]] = []
     for name, minimum in THRESHOLDS.items():
@@ -65,7 +66,8 @@ def judge(candidate: GatedMetrics, baseline: GatedMetrics | None) -> dict[str, A
         )
     else:
         summary = ", ".join(f"{n} {getattr(candidate, n):.3f}" for n in THRESHOLDS) + " meet the gate"
-    return {"passed": not failures, "failures": failures, "summary": summary}
+    return {"passed": not failures, "failures": failures, "summary": summary, "thresholds": dict(THRESHOLDS),
+            "maxRegression": MAX_REGRESSION}
 
 
 @logger.inject_lambda_context(log_event=True)

@@ -97,7 +97,8 @@ def process_upload(s3_client: Any, ddb: Any, settings: intake.Settings, upload: 
         return {"outcome": "ignored", "key": upload.key}
     if kind == "csv":
         return import_labels(s3_client, ddb, upload, bucket=settings.bucket, table=settings.table,
-                             label_set=settings.label_set, max_bytes=settings.limits.max_bytes)
+                             counts_table=settings.hash_table, label_set=settings.label_set,
+                             max_bytes=settings.limits.max_bytes)
     return intake.process_image(s3_client, ddb, settings, upload)
 
 

@@ -53,3 +53,6 @@ def test_a_second_execution_for_the_same_version_ends_quietly(tmp_path: Path) ->
         assert lock["ExecutionArn"]["S"] == deploying
         notes = cloud.read_notifications()
         assert len(notes) == 1 and "failed" in notes[0]["subject"]  # nothing from the quiet one
+        # The composed message names the step (from the execution history) and its function's log group.
+        assert "Step:  CreateModelConfig (lambda:invoke)" in notes[0]["message"]
+        assert f"/aws/lambda/{cloud.stack_name}/create-model-config" in notes[0]["message"]

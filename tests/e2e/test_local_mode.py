@@ -91,7 +91,7 @@ def test_retraining_succeeds_and_registers_a_model(tmp_path: Path, small_dataset
         assert execution["status"] == "SUCCEEDED", execution.get("cause")
         assert _states(cloud, execution) == ["CheckData", "EnoughData?", "PrepareTraining", "TrainingJobDone?",
                                              "TrainModel", "EvaluateModel", "GateModel", "PassedGate?",
-                                             "RegisterModel", "NotifySuccess", "Registered"]
+                                             "RegisterModel", "NotifySuccess", "PublishSuccess", "Registered"]
         output = json.loads(execution["output"])
         assert output["data"]["result"]["trigger"]["type"] == "manual"
         assert output["data"]["result"]["trigger"]["requestedBy"] == "dermatology-ml-team"
@@ -115,8 +115,19 @@ def test_retraining_succeeds_and_registers_a_model(tmp_path: Path, small_dataset
             assert (runner.root / "model" / name).is_file(), name
         hps = json.loads((runner.root / "input" / "config" / "hyperparameters.json").read_text())
         assert all(isinstance(v, str) for v in hps.values())
-        notes = cloud.read_notifications()
-        assert any("registered" in n["subject"] for n in notes)
+        (note,) = cloud.read_notifications()
+        # The reviewer's message: stack, package, both models' figures and the gate, the commands, the plots.
+        assert cloud.stack_name in note["subject"] and "registered" in note["subject"]
+        arn = summary["ModelPackageArn"]
+        assert arn in note["message"]
+        assert f"update-model-package --model-package-arn {arn} --model-approval-status Approved" in note["message"]
+        assert f"--model-package-arn {arn} --model-approval-status Rejected --approval-description" in note["message"]
+        assert "balanced_accuracy" in note["message"] and "gate minimum" in note["message"]
+        plots = boto3.client("s3", region_name=REGION).list_objects_v2(
+            Bucket=cloud.output("ArtifactsBucketName"),
+            Prefix=f"evaluations/{output['training']['TrainingJobName']}/plots/").get("Contents", [])
+        assert {p["Key"].rsplit("/", 1)[1] for p in plots} >= {"confusion_matrix.png", "roc.png"}
+        assert all(p["Key"] in note["message"] for p in plots)
         # The state machine ran the job (createTrainingJob.sync); the Lambda only prepared the request.
         (prepared,) = [i["result"] for i in cloud.runtime.find("PrepareTrainingFunction").invocations if i.get("ok")]
         assert prepared["request"]["TrainingJobName"] == job["TrainingJobName"]
@@ -128,7 +139,8 @@ def test_too_little_data_ends_without_training_and_notifies(tmp_path: Path, smal
         _upload(cloud, small_dataset)
         execution = _request_retraining(cloud)
         assert execution["status"] == "SUCCEEDED"
-        assert _states(cloud, execution) == ["CheckData", "EnoughData?", "NotifyNotEnoughData", "NotEnoughData"]
+        assert _states(cloud, execution) == ["CheckData", "EnoughData?", "NotifyNotEnoughData", "PublishNotEnoughData",
+                                             "NotEnoughData"]
         assert cloud.runners == []
         (note,) = cloud.read_notifications()
         assert "not enough data" in note["subject"]
@@ -149,6 +161,7 @@ def test_failed_training_job_reports_its_reason(tmp_path: Path, small_dataset: P
         assert job["TrainingJobStatus"] == "Failed" and "epochs" in job["FailureReason"]
         (note,) = cloud.read_notifications()
         assert "failed" in note["subject"] and "epochs" in note["message"] and "abc" in note["message"]
+        assert "Step:  TrainModel" in note["message"] and f"--log-stream-name-prefix {job_name}/" in note["message"]
 
 
 def test_aborting_the_retraining_stops_its_training_job(tmp_path: Path, small_dataset: Path, quiet: None) -> None:
@@ -296,5 +309,5 @@ def test_approved_model_is_deployed_updated_blue_green_and_rolled_back(tmp_path:
         assert sm.describe_endpoint(EndpointName=cloud.output("EndpointName"))["EndpointConfigName"].endswith("-v2")
         assert _invoke(cloud)["model_version"] == "2"
         subjects = [n["subject"] for n in cloud.read_notifications()]
-        assert subjects.count("Skin-lesion model deployed") == 2
-        assert "Skin-lesion deployment rolled back" in subjects
+        assert sum("Skin-lesion model deployed" in s for s in subjects) == 2
+        assert sum("Skin-lesion deployment rolled back" in s for s in subjects) == 1

@@ -12,6 +12,7 @@ from tests.unit.handlers import load_handler
 CHECK_ENV = {
     "MANIFEST_TABLE": "manifest", "DATA_BUCKET": "data", "ARTIFACTS_BUCKET": "artifacts", "MODEL_PACKAGE_GROUP": "grp",
     "LABEL_SET": "ham7", "MIN_NEW_IMAGES": "50", "MIN_IMAGES_PER_CLASS": "10", "STATUS_SHARDS": "1",
+    "HASH_INDEX_TABLE": "hashes",
 }
 
 

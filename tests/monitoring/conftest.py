@@ -1,15 +1,10 @@
-"""The monitoring layer on sys.path (as /opt/python is on Lambda), and a clean reference cache per test."""
+"""A clean reference cache per test (the monitoring layer is on sys.path through pyproject's ``pythonpath``)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-LAYER = Path(__file__).resolve().parents[2] / "layers" / "monitoring"
-if str(LAYER) not in sys.path:
-    sys.path.insert(0, str(LAYER))
 
 
 @pytest.fixture(autouse=True)

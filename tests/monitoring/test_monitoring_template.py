@@ -9,6 +9,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,10 +36,35 @@ def _resolver() -> Resolver:
     alarm = "arn:aws:cloudwatch:eu-west-1:123456789012:alarm:skin-lesion-"
     for logical_id, name in (("DriftAlarm", "image-drift"), ("ModelBalancedAccuracyAlarm", "model-balanced-accuracy"),
                              ("ModelMelanomaSensitivityAlarm", "model-melanoma-sensitivity"),
-                             ("Endpoint5xxAlarm", "endpoint-5xx"), ("EndpointLatencyAlarm", "endpoint-p99-latency")):
+                             ("Endpoint5xxAlarm", "endpoint-5xx"), ("EndpointLatencyAlarm", "endpoint-p99-latency"),
+                             ("UnreconciledUploadsAlarm", "unreconciled-uploads")):
         resolver.attrs[logical_id] = {"Arn": alarm + name}
     resolver.attrs["FailedEventsQueue"] = {"Arn": "arn:aws:sqs:eu-west-1:123456789012:skin-lesion-failed-events"}
     return resolver
+
+
+def _dashboard() -> dict[str, Any]:
+    return dict(json.loads(_resolver().resolve(RESOURCES["MonitoringDashboard"]["Properties"]["DashboardBody"])))
+
+
+def _shown_metrics(body: dict[str, Any], namespace: str) -> dict[str, str]:
+    """Metric name -> widget title, for every metric of ``namespace`` a widget shows, plain or through a SEARCH
+    expression (``"."`` repeats the row before's namespace, as CloudWatch reads it)."""
+    shown: dict[str, str] = {}
+    for widget in body["widgets"]:
+        current = ""
+        for metric in widget["properties"].get("metrics", []):
+            names = [m for m in metric if isinstance(m, str)]
+            if names:
+                current = names[0] if names[0] != "." else current
+                if current == namespace:
+                    shown[names[1]] = widget["properties"]["title"]
+            for item in metric:
+                expression = item.get("expression", "") if isinstance(item, dict) else ""
+                searched = re.search(r"SEARCH\('\{([^,}]+)[^}]*\} MetricName=\"(\w+)\"", expression)
+                if searched and searched.group(1) == namespace:
+                    shown[searched.group(2)] = widget["properties"]["title"]
+    return shown
 
 
 @pytest.mark.parametrize("logical_id", NEW_FUNCTIONS)
@@ -92,16 +118,8 @@ def test_schedule_is_hourly_and_alarms_watch_the_published_metrics() -> None:
         assert props["Namespace"] == "SkinLesion/Monitoring" and props["MetricName"] in published
         assert "Dimensions" not in props  # the functions publish without dimensions
 
-    body = json.loads(_resolver().resolve(RESOURCES["MonitoringDashboard"]["Properties"]["DashboardBody"]))
-    shown = set()
-    for widget in body["widgets"]:
-        namespace = ""
-        for metric in widget["properties"].get("metrics", []):
-            names = [m for m in metric if isinstance(m, str)]
-            if names:
-                namespace = names[0] if names[0] != "." else namespace
-                if namespace == "SkinLesion/Monitoring":
-                    shown.add(names[1])
+    body = _dashboard()
+    shown = set(_shown_metrics(body, "SkinLesion/Monitoring"))
     assert {"DriftScore", "ModelBalancedAccuracy", "ModelMelanomaSensitivity", "DriftSampleSize"} <= shown
     assert shown <= published
     titles = " ".join(w["properties"].get("title", "") for w in body["widgets"])
@@ -113,25 +131,11 @@ def test_schedule_is_hourly_and_alarms_watch_the_published_metrics() -> None:
 def test_every_pipeline_metric_on_the_dashboard_is_one_a_handler_emits() -> None:
     """A widget over a metric nothing emits stays empty without a warning (as the training-job counters did once
     their handler was replaced by the .sync integration)."""
-    body = json.loads(_resolver().resolve(RESOURCES["MonitoringDashboard"]["Properties"]["DashboardBody"]))
     emitted: set[str] = set()
-    for app in (REPO / "functions").glob("*/app.py"):
-        tree = ast.parse(app.read_text())
+    for source in [*(REPO / "functions").glob("*/app.py"), *(REPO / "layers").glob("*/*/*.py")]:
+        tree = ast.parse(source.read_text())
         emitted |= {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
-    shown: dict[str, str] = {}
-    for widget in body["widgets"]:
-        namespace = ""
-        for metric in widget["properties"].get("metrics", []):
-            names = [m for m in metric if isinstance(m, str)]
-            if names:
-                namespace = names[0] if names[0] != "." else namespace
-                if namespace == "SkinLesion":
-                    shown[names[1]] = widget["properties"]["title"]
-            for item in metric:
-                if isinstance(item, dict) and "SEARCH(" in item.get("expression", ""):
-                    assert "{SkinLesion," in item["expression"]
-                    shown[re.search(r'MetricName=\"?"?(\w+)', item["expression"]).group(1)] = (  # type: ignore[union-attr]
-                        widget["properties"]["title"])
+    shown = _shown_metrics(_dashboard(), "SkinLesion")
     assert {"ImagesValidated", "ImagesDuplicate", "UploadsQuarantined", "ModelRegistered"} <= set(shown)
     assert {name for name in shown if name not in emitted} == set()
 

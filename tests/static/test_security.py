@@ -198,6 +198,15 @@ def _bucket_findings(logical_id: str, props: dict[str, Any], resources: dict[str
     return findings
 
 
+# Resource types that must name the stack's KMS key: the property that names it, and what the finding calls them.
+_KEY_PROPERTY = {
+    "AWS::SNS::Topic": ("KmsMasterKeyId", "topic"),
+    "AWS::SQS::Queue": ("KmsMasterKeyId", "queue"),
+    "AWS::SageMaker::EndpointConfig": ("KmsKeyId", "endpoint config"),
+    "AWS::Logs::LogGroup": ("KmsKeyId", "log group"),
+}
+
+
 def security_findings(template: dict[str, Any]) -> list[str]:
     """Everything in ``template`` (a SAM template as load_template reads it) that breaks the security rules."""
     cfn = expand_sam(template)
@@ -206,48 +215,58 @@ def security_findings(template: dict[str, Any]) -> list[str]:
     for logical_id, res in resources.items():
         kind = res.get("Type")
         props = res.get("Properties") or {}
-        if kind == "AWS::S3::Bucket":
-            findings += _bucket_findings(logical_id, props, resources)
-        elif kind == "AWS::DynamoDB::Table":
-            sse = props.get("SSESpecification", {})
-            if not (sse.get("SSEEnabled") is True and sse.get("SSEType") == "KMS" and sse.get("KMSMasterKeyId")):
-                findings.append(f"{logical_id}: table without SSESpecification KMS with the stack key")
-        elif kind == "AWS::SNS::Topic":
-            if not props.get("KmsMasterKeyId"):
-                findings.append(f"{logical_id}: topic without KmsMasterKeyId")
-        elif kind == "AWS::SQS::Queue":
-            if not props.get("KmsMasterKeyId"):
-                findings.append(f"{logical_id}: queue without KmsMasterKeyId")
-        elif kind == "AWS::SageMaker::EndpointConfig":
-            if not props.get("KmsKeyId"):
-                findings.append(f"{logical_id}: endpoint config without KmsKeyId")
-        elif kind == "AWS::Logs::LogGroup":
-            if not props.get("KmsKeyId"):
-                findings.append(f"{logical_id}: log group without KmsKeyId")
-            if not props.get("RetentionInDays"):
-                findings.append(f"{logical_id}: log group without RetentionInDays")
-        elif kind == "AWS::Lambda::Function":
-            targets = _refs(props.get("LoggingConfig", {}).get("LogGroup"))
-            if not any(resources.get(t, {}).get("Type") == "AWS::Logs::LogGroup" for t in targets):
-                findings.append(f"{logical_id}: function without LoggingConfig to a log group of the stack")
-            if not props.get("KmsKeyArn"):
-                findings.append(f"{logical_id}: function environment not encrypted with the stack key (KmsKeyArn)")
-        elif kind == "AWS::IAM::Role":
-            for policy in props.get("Policies", []):
-                findings += _identity_policy_findings(f"{logical_id}/{policy.get('PolicyName')}",
-                                                      policy.get("PolicyDocument"))
-            for arn in props.get("ManagedPolicyArns", []):
-                name = arn.rsplit("/", 1)[-1] if isinstance(arn, str) else None
-                if not (isinstance(arn, str) and arn.startswith("arn:aws:iam::aws:policy/")
-                        and name in ALLOWED_MANAGED_POLICIES):
-                    findings.append(f"{logical_id}: managed policy {arn} is not in the allow-list")
-        elif kind in ("AWS::IAM::Policy", "AWS::IAM::ManagedPolicy"):
-            findings += _identity_policy_findings(logical_id, props.get("PolicyDocument"))
-        elif kind == "AWS::KMS::Key":
-            findings += _resource_policy_findings(logical_id, logical_id, props.get("KeyPolicy"), key_policy=True)
-        elif kind in ("AWS::S3::BucketPolicy", "AWS::SNS::TopicPolicy", "AWS::SQS::QueuePolicy"):
-            findings += _resource_policy_findings(logical_id, logical_id, props.get("PolicyDocument"),
-                                                  key_policy=False)
+        if kind in _KEY_PROPERTY:
+            prop, what = _KEY_PROPERTY[kind]
+            if not props.get(prop):
+                findings.append(f"{logical_id}: {what} without {prop}")
+        findings += _resource_findings(logical_id, kind, props, resources)
+    return findings
+
+
+def _resource_findings(logical_id: str, kind: str | None, props: dict[str, Any],
+                       resources: dict[str, Any]) -> list[str]:
+    """The rules of one resource type (the KMS key property of :data:`_KEY_PROPERTY` aside)."""
+    if kind == "AWS::S3::Bucket":
+        return _bucket_findings(logical_id, props, resources)
+    if kind == "AWS::DynamoDB::Table":
+        sse = props.get("SSESpecification", {})
+        if not (sse.get("SSEEnabled") is True and sse.get("SSEType") == "KMS" and sse.get("KMSMasterKeyId")):
+            return [f"{logical_id}: table without SSESpecification KMS with the stack key"]
+    elif kind == "AWS::Logs::LogGroup":
+        if not props.get("RetentionInDays"):
+            return [f"{logical_id}: log group without RetentionInDays"]
+    elif kind == "AWS::Lambda::Function":
+        return _function_findings(logical_id, props, resources)
+    elif kind == "AWS::IAM::Role":
+        return _role_findings(logical_id, props)
+    elif kind in ("AWS::IAM::Policy", "AWS::IAM::ManagedPolicy"):
+        return _identity_policy_findings(logical_id, props.get("PolicyDocument"))
+    elif kind == "AWS::KMS::Key":
+        return _resource_policy_findings(logical_id, logical_id, props.get("KeyPolicy"), key_policy=True)
+    elif kind in ("AWS::S3::BucketPolicy", "AWS::SNS::TopicPolicy", "AWS::SQS::QueuePolicy"):
+        return _resource_policy_findings(logical_id, logical_id, props.get("PolicyDocument"), key_policy=False)
+    return []
+
+
+def _function_findings(logical_id: str, props: dict[str, Any], resources: dict[str, Any]) -> list[str]:
+    findings = []
+    targets = _refs(props.get("LoggingConfig", {}).get("LogGroup"))
+    if not any(resources.get(t, {}).get("Type") == "AWS::Logs::LogGroup" for t in targets):
+        findings.append(f"{logical_id}: function without LoggingConfig to a log group of the stack")
+    if not props.get("KmsKeyArn"):
+        findings.append(f"{logical_id}: function environment not encrypted with the stack key (KmsKeyArn)")
+    return findings
+
+
+def _role_findings(logical_id: str, props: dict[str, Any]) -> list[str]:
+    findings = []
+    for policy in props.get("Policies", []):
+        findings += _identity_policy_findings(f"{logical_id}/{policy.get('PolicyName')}", policy.get("PolicyDocument"))
+    for arn in props.get("ManagedPolicyArns", []):
+        name = arn.rsplit("/", 1)[-1] if isinstance(arn, str) else None
+        if not (isinstance(arn, str) and arn.startswith("arn:aws:iam::aws:policy/")
+                and name in ALLOWED_MANAGED_POLICIES):
+            findings.append(f"{logical_id}: managed policy {arn} is not in the allow-list")
     return findings
 
 

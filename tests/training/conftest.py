@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
 
-# Importable whatever pytest's import mode: the repository root (lesionml, training_image) and this folder.
-_HERE = Path(__file__).resolve().parent
-for _p in (str(_HERE.parents[1]), str(_HERE)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from training_helpers import make_job  # noqa: E402
+# This folder is on sys.path through pyproject's ``pythonpath``, whatever pytest's import mode.
+from training_helpers import make_job
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ SHARDS = "4"
 CHECK_ENV = {
     "MANIFEST_TABLE": "manifest", "DATA_BUCKET": "data", "ARTIFACTS_BUCKET": "artifacts",
     "MODEL_PACKAGE_GROUP": "grp", "LABEL_SET": "ham7", "MIN_NEW_IMAGES": "1", "MIN_IMAGES_PER_CLASS": "1",
-    "STATUS_SHARDS": SHARDS,
+    "STATUS_SHARDS": SHARDS, "HASH_INDEX_TABLE": "hashes",
 }
 VALIDATE_ENV = {
     "DATA_BUCKET": "data", "MANIFEST_TABLE": "manifest", "HASH_INDEX_TABLE": "hashes", "STATUS_SHARDS": SHARDS,

@@ -28,6 +28,7 @@ CHECK_ENV = {
     "MIN_NEW_IMAGES": "50",
     "MIN_IMAGES_PER_CLASS": "10",
     "STATUS_SHARDS": "1",  # items here are written as <status>#0 (sharding itself: test_issue16_sharding.py)
+    "HASH_INDEX_TABLE": "hashes",  # the class counts
 }
 
 
@@ -44,6 +45,11 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
             GlobalSecondaryIndexes=[{"IndexName": "by-status-shard", "Projection": {"ProjectionType": "ALL"},
                                      "KeySchema": [{"AttributeName": "status_shard", "KeyType": "HASH"},
                                                    {"AttributeName": "validated_at", "KeyType": "RANGE"}]}],
+        )
+        ddb.create_table(
+            TableName="hashes", BillingMode="PAY_PER_REQUEST",
+            AttributeDefinitions=[{"AttributeName": n, "AttributeType": "S"} for n in ("pk", "sk")],
+            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
         )
         ddb.create_table(
             TableName="idem", BillingMode="PAY_PER_REQUEST",

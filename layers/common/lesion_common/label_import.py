@@ -39,7 +39,8 @@ def _parse(data: bytes, label_set: str) -> list[LabelRow] | tuple[str, str]:
 
 
 def import_labels(
-    s3_client: Any, ddb: Any, upload: Upload, *, bucket: str, table: str, label_set: str, max_bytes: int
+    s3_client: Any, ddb: Any, upload: Upload, *, bucket: str, table: str, counts_table: str, label_set: str,
+    max_bytes: int,
 ) -> Outcome:
     """Apply a label file's rows to the manifest; quarantine it (a copy) when rows or the whole file are bad."""
     fetched = fetch(s3_client, bucket, upload, max_bytes)
@@ -65,9 +66,9 @@ def import_labels(
 
     def apply(r: LabelRow) -> None:
         if r.label is not None:
-            record_label(ddb, table, label_set, fetched.key, r.image_id, r.label, r.lesion_id)
+            record_label(ddb, table, counts_table, label_set, fetched.key, r.image_id, r.label, r.lesion_id)
         else:
-            record_lesion(ddb, table, fetched.key, r.image_id, str(r.lesion_id))
+            record_lesion(ddb, table, counts_table, fetched.key, r.image_id, str(r.lesion_id))
 
     with ThreadPoolExecutor(max_workers=CSV_WORKERS) as pool:
         # list() so that the first failed write raises here, and Lambda retries the whole (idempotent) file.

@@ -25,6 +25,7 @@ from boto3.dynamodb.conditions import Key
 from boto3.dynamodb.types import TypeSerializer
 from botocore.exceptions import ClientError
 
+from lesion_common import class_counts
 from lesion_common.deployment import error_code
 from lesion_common.splits import assign_split
 from lesion_common.uploads import Fetched, alternate_id_for, clean_key_for, source_for
@@ -85,6 +86,9 @@ class ManifestSettings(Protocol):
     @property
     def label_set(self) -> str: ...
 
+    @property
+    def hash_table(self) -> str: ...
+
 
 class CleanPicture(Protocol):
     """What an item records of a validated picture (``lesion_imaging.validation.CleanImage``)."""
@@ -121,10 +125,12 @@ def status_shard(status: str, image_id: str, shards: int) -> str:
     return f"{status}#{n}"
 
 
-def items_with_status(table: Any, status: str, shards: int, projection: str | None = None) -> list[dict[str, Any]]:
+def items_with_status(table: Any, status: str, shards: int, projection: str | None = None,
+                      names: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """Every item of ``status``: each shard ``<status>#0`` .. ``<status>#<shards-1>`` queried to its last page.
 
-    ``table`` is a boto3 DynamoDB ``Table`` resource.
+    ``table`` is a boto3 DynamoDB ``Table`` resource; ``projection`` (with ``names`` for reserved words such as
+    ``key``) keeps only the attributes a reader needs in memory.
     """
     items: list[dict[str, Any]] = []
     for shard in range(shards):
@@ -134,6 +140,8 @@ def items_with_status(table: Any, status: str, shards: int, projection: str | No
         }
         if projection:
             kwargs["ProjectionExpression"] = projection
+        if names:
+            kwargs["ExpressionAttributeNames"] = dict(names)
         while True:
             page = table.query(**kwargs)
             items.extend(page["Items"])
@@ -141,6 +149,25 @@ def items_with_status(table: Any, status: str, shards: int, projection: str | No
                 break
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
     return items
+
+
+def count_since(table: Any, status: str, shards: int, since: str) -> int:
+    """How many items of ``status`` were validated after ``since`` (ISO-8601 UTC): the index's sort key limits the
+    read to those items (``Select=COUNT`` returns no item)."""
+    total = 0
+    for shard in range(shards):
+        kwargs: dict[str, Any] = {
+            "IndexName": STATUS_INDEX, "Select": "COUNT",
+            "KeyConditionExpression": (Key(STATUS_SHARD_ATTRIBUTE).eq(f"{status}#{shard}")
+                                       & Key("validated_at").gt(since)),
+        }
+        while True:
+            page = table.query(**kwargs)
+            total += int(page["Count"])
+            if "LastEvaluatedKey" not in page:
+                break
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+    return total
 
 
 def utc_now() -> str:
@@ -173,6 +200,34 @@ def build_update(
 
 def _key(image_id: str) -> dict[str, Any]:
     return {KEY_ATTRIBUTE: {"S": image_id}}
+
+
+def counted(item: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    """The (class, split) an item adds to the class counts: a VALIDATED item with a label, else None."""
+    if not item or item.get("status") != VALIDATED or not item.get("label") or not item.get("split"):
+        return None
+    return str(item["label"]), str(item["split"])
+
+
+def _write(client: Any, table: str, counts_table: str, image_id: str, update: dict[str, Any],
+           values: Mapping[str, Any], absent: Mapping[str, Any], remove: Iterable[str] = ()) -> None:
+    """UpdateItem, then move the image's +1 in the class counts (lesion_common.class_counts) if the write changed
+    what it counts as. The item before the write comes back with it (ALL_OLD); after it is computed."""
+    answer = client.update_item(TableName=table, Key=_key(image_id), ReturnValues="ALL_OLD", **update)
+    old = {k: next(iter(v.values())) for k, v in (answer.get("Attributes") or {}).items()}
+    new = dict(old)
+    for name, value in absent.items():
+        new.setdefault(name, value)
+    new.update(values)
+    for name in remove:
+        if name not in values:
+            new.pop(name, None)
+    before, after = counted(old or None), counted(new)
+    if before != after:
+        if before is not None:
+            class_counts.add(client, counts_table, image_id, before, -1)
+        if after is not None:
+            class_counts.add(client, counts_table, image_id, after, +1)
 
 
 def get_item(client: Any, table: str, image_id: str) -> dict[str, Any] | None:
@@ -263,14 +318,12 @@ def record_validated(
     if duplicate:
         values["duplicate_of"], values["duplicate_distance"] = duplicate
     absent: ManifestItem = {"lesion_id": image_id, "split": assign_split(image_id)}
-    update = build_update(
-        values, absent,
-        remove=("reason_code", "reason", "quarantine_key", "checked_at", "duplicate_of", "duplicate_distance"),
-    )
+    remove = ("reason_code", "reason", "quarantine_key", "checked_at", "duplicate_of", "duplicate_distance")
+    update = build_update(values, absent, remove=remove)
     if claim:
         update["ConditionExpression"] = _claim(update, fetched.key, clean.source_sha256)
     try:
-        client.update_item(TableName=settings.table, Key=_key(image_id), **update)
+        _write(client, settings.table, settings.hash_table, image_id, update, values, absent, remove)
     except ClientError as err:
         if claim and error_code(err) == "ConditionalCheckFailedException":
             return False
@@ -319,8 +372,9 @@ def record_quarantined(
     condition = "(attribute_not_exists(#status) OR NOT #status IN (:keep1, :keep2))"
     if claim:
         condition += " AND " + _claim(update, fetched.key, source_sha256)
+    update["ConditionExpression"] = condition
     try:
-        client.update_item(TableName=settings.table, Key=_key(image_id), ConditionExpression=condition, **update)
+        _write(client, settings.table, settings.hash_table, image_id, update, values, absent)
     except ClientError as err:
         if error_code(err) != "ConditionalCheckFailedException":
             raise
@@ -331,7 +385,8 @@ def record_quarantined(
 
 
 def record_label(
-    client: Any, table: str, label_set: str, label_file: str, image_id: str, label: str, lesion: str | None
+    client: Any, table: str, counts_table: str, label_set: str, label_file: str, image_id: str, label: str,
+    lesion: str | None,
 ) -> None:
     """Set the label a label file gives an image; an image not seen yet gets a LABEL_ONLY item.
 
@@ -343,12 +398,12 @@ def record_label(
     target = values if lesion is not None else absent
     target["lesion_id"] = lesion or image_id
     target["split"] = assign_split(lesion or image_id)
-    client.update_item(TableName=table, Key=_key(image_id), **build_update(values, absent))
+    _write(client, table, counts_table, image_id, build_update(values, absent), values, absent)
 
 
-def record_lesion(client: Any, table: str, label_file: str, image_id: str, lesion: str) -> None:
+def record_lesion(client: Any, table: str, counts_table: str, label_file: str, image_id: str, lesion: str) -> None:
     """Set the lesion (and so the split) a file of lesion ids gives an image, without a label (ISIC 2019 training
     metadata); an image not seen yet gets a LABEL_ONLY item, labelled when its ground truth arrives."""
     values: ManifestItem = {"lesion_id": lesion, "split": assign_split(lesion), "lesion_source": label_file}
     absent: ManifestItem = {"status": LABEL_ONLY, "source": source_for(label_file)}
-    client.update_item(TableName=table, Key=_key(image_id), **build_update(values, absent))
+    _write(client, table, counts_table, image_id, build_update(values, absent), values, absent)

@@ -487,36 +487,37 @@ def _check_sos(
         raise _Decline
 
 
+def _next_segment(data: bytes, pos: int) -> tuple[int, bytes, int]:
+    """The marker at ``pos`` (after any fill bytes), its segment (with its length field) and the position after it."""
+    n = len(data)
+    if pos >= n or data[pos] != 0xFF:
+        raise _Decline
+    while pos < n and data[pos] == 0xFF:  # fill bytes
+        pos += 1
+    if pos >= n:
+        raise _Decline
+    marker = data[pos]
+    length = _u16(data, pos + 1)
+    if length < 2 or pos + 1 + length > n:
+        raise _Decline
+    return marker, data[pos + 1 : pos + 1 + length], pos + 1 + length
+
+
 def _rebuild(data: bytes) -> _Rebuilt:
     """Copy the segments decoding needs, checked, and refuse (``_Decline``) anything else (see the caller)."""
     if data[:2] != b"\xff\xd8":
         raise _Decline
     out = bytearray(b"\xff\xd8" + _JFIF_APP0)
-    n, pos = len(data), 2
     frame: dict[int, int] | None = None
     quant: dict[int, bool] = {}
     huffman: dict[tuple[int, int], bool] = {}
-    first = True
+    marker, segment, pos = _next_segment(data, 2)
+    # JFIF first, as today's stored form: it tells decoders the colour transform (YCbCr).
+    if marker != _APP0 or not segment[2:].startswith(b"JFIF\x00") or len(segment) - 2 < 14:
+        raise _Decline
     while True:
-        if pos >= n or data[pos] != 0xFF:
-            raise _Decline
-        while pos < n and data[pos] == 0xFF:  # fill bytes
-            pos += 1
-        if pos >= n:
-            raise _Decline
-        marker = data[pos]
-        length = _u16(data, pos + 1)
-        if length < 2 or pos + 1 + length > n:
-            raise _Decline
-        segment = data[pos + 1 : pos + 1 + length]  # with its length field
+        marker, segment, pos = _next_segment(data, pos)
         payload = segment[2:]
-        pos += 1 + length
-        if first:
-            # JFIF first, as today's stored form: it tells decoders the colour transform (YCbCr).
-            if marker != _APP0 or not payload.startswith(b"JFIF\x00") or len(payload) < 14:
-                raise _Decline
-            first = False
-            continue
         if marker == _APP14:  # Adobe: decides the colour transform, so the pixels would change without it
             raise _Decline
         if _APP0 <= marker <= 0xEF or marker == _COM:
@@ -539,7 +540,12 @@ def _rebuild(data: bytes) -> _Rebuilt:
             # outside a scan, a second SOI, EOI before a scan.
             raise _Decline
         out += bytes((0xFF, marker)) + segment
+    return _copy_scan(data, pos, out)
 
+
+def _copy_scan(data: bytes, pos: int, out: bytearray) -> _Rebuilt:
+    """Append the entropy-coded data starting at ``pos`` and EOI to ``out``; it must be the last thing but EOI."""
+    n = len(data)
     start, end = pos, pos
     while True:  # the entropy-coded data runs to the first 0xFF that is not a stuffed 0xFF00
         end = data.find(b"\xff", end)
