@@ -9,13 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lesion_imaging.validation import (
-    CleanImage,
-    ImageValidationError,
-    ValidationLimits,
-    strip_jpeg_metadata,
-    validate_image_bytes,
-)
+from lesion_imaging.jpeg_strip import strip_jpeg_metadata
+from lesion_imaging.validation import CleanImage, ImageValidationError, ValidationLimits, validate_image_bytes
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "images" / "ISIC_0024323.jpg"
 LIMITS = ValidationLimits()
