@@ -1,6 +1,6 @@
 """The model directory's seal: a manifest of every file's SHA-256 and a known-answer check.
 
-The training job writes both (:mod:`training_image.trainer`), serving checks both before it answers ``/ping``
+The training job writes both (:mod:`training_image.evaluate`), serving checks both before it answers ``/ping``
 (:mod:`inference_image.artifacts`, :mod:`inference_image.known_answers`). One module, so writer and reader cannot
 drift apart. No torch here: the inference image imports it.
 

@@ -17,6 +17,7 @@ from typing import Any, TextIO, cast
 
 import boto3
 
+from lesion_common.manifest import VALIDATED
 from localmode.cloud import REGION, REPO_ROOT, LocalCloud
 from localmode.iam import summary as iam_summary
 from localmode.report import write_report
@@ -78,7 +79,7 @@ def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str,
     say("Local mode: template.yaml deployed in-process (moto), handlers and ASL as on AWS, training on the CPU.")
     with LocalCloud(work_dir=work_dir, parameters=parameters) as cloud:
         statuses = _upload(cloud, images, metadata)
-        if not statuses.get("VALIDATED"):
+        if not statuses.get(VALIDATED):
             # Nothing to train on: the retraining would only take its not-enough-data branch and "succeed".
             return fail(f"no image under {images} passed validation ({json.dumps(statuses)}); the reasons are in "
                         f"{cloud.runtime.log_path}")

@@ -38,7 +38,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from lesion_common.deployment import error_code
+from lesion_common.aws_errors import error_code
 from lesion_common.manifest import (
     DUPLICATE,
     KEY_ATTRIBUTE,

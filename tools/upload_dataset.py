@@ -29,6 +29,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 # The label-CSV reader is the validation handler's own (the common layer), so the check here agrees with it.
 from lesion_common.labels import ALL_CODES, MetadataFormatError, parse_metadata_csv
+from lesion_common.uploads import INCOMING
 from tools.cli import ToolError, aws_message, check_data_bucket, data_bucket_of_stack, region, run_main
 from tools.progress import Progress
 
@@ -153,7 +154,7 @@ def upload_dataset(s3: Any, bucket: str, folder: Path, metadata: Path | None = N
         An error after which no upload can succeed (credentials, a missing bucket, access denied): the first one,
         once the uploads in flight have ended. Other failures are counted in the report.
     """
-    prefix = f"incoming/{dataset}/"
+    prefix = f"{INCOMING}{dataset}/"
     report = UploadReport()
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     sizes = {p: p.stat().st_size for p in files}

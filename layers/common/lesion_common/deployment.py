@@ -18,6 +18,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from lesion_common.aws_errors import error_code, error_message
 from lesion_common.errors import (
     AutoScalingConflictError,
     AutoScalingThrottledError,
@@ -71,16 +72,6 @@ def variant_instance_type(sagemaker: Any, config_name: str) -> str | None:
 
 
 # ------------------------------------------------------------------ what AWS answers
-def error_code(err: ClientError) -> str:
-    """The error code of a botocore ClientError."""
-    return str(err.response.get("Error", {}).get("Code", ""))
-
-
-def error_message(err: ClientError) -> str:
-    """The error message of a botocore ClientError."""
-    return str(err.response.get("Error", {}).get("Message", ""))
-
-
 def _validation(err: ClientError, prefix: str) -> bool:
     # SageMaker gives these cases no error code of their own: every one is a ValidationException (botocore's model
     # lists no error shapes for DescribeEndpoint/DescribeEndpointConfig/UpdateEndpoint), so the code is checked and

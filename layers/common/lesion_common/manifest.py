@@ -26,7 +26,7 @@ from boto3.dynamodb.types import TypeSerializer
 from botocore.exceptions import ClientError
 
 from lesion_common import class_counts
-from lesion_common.deployment import error_code
+from lesion_common.aws_errors import error_code
 from lesion_common.splits import assign_split
 from lesion_common.uploads import Fetched, alternate_id_for, clean_key_for, source_for
 

@@ -45,7 +45,7 @@ from typing import Any, Final, Literal
 
 from botocore.exceptions import ClientError
 
-from lesion_common.deployment import error_code
+from lesion_common.aws_errors import error_code
 from lesion_common.labels import is_valid_image_id
 from lesion_common.manifest import FINAL_STATUSES, KEY_ATTRIBUTE, holds_other_upload
 from lesion_common.uploads import INCOMING, REASON_SUFFIX, alternate_id_for, image_id_for, quarantine_key_for, route

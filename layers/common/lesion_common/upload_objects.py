@@ -13,7 +13,7 @@ from urllib.parse import unquote_plus
 from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
 
-from lesion_common.deployment import error_code
+from lesion_common.aws_errors import error_code
 from lesion_common.uploads import REASON_SUFFIX, Fetched, Upload, quarantine_key_for
 
 logger = Logger(child=True)

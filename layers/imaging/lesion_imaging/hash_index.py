@@ -18,7 +18,7 @@ from typing import Any, Final, Protocol
 
 from botocore.exceptions import ClientError
 
-from lesion_common.deployment import error_code
+from lesion_common.aws_errors import error_code
 from lesion_imaging.bands import band_keys, probe_keys
 from lesion_imaging.validation import hamming
 
