@@ -102,7 +102,9 @@ def run(data: Path, metadata: Path | None, work_dir: Path, parameters: dict[str,
         _say_deployment(cloud, deployment, invocation, drift, quality)
         say(f"    monitoring report: {report}")
         for note in cloud.read_notifications():
-            say(f"    notification     : {note['subject']}: {note['message'][:300]}")
+            # the subject and the message's first line (the whole text is in last-run.json)
+            first = (note["message"].strip().splitlines() or [""])[0]
+            say(f"    notification     : {note['subject']}: {first[:200]}")
         say(f"    handler logs     : {cloud.runtime.log_path}")
         say(f"    permissions      : {iam_summary(cloud.iam)}")
         (work_dir / "last-run.json").write_text(json.dumps({

@@ -56,10 +56,9 @@ REASONS: dict[tuple[str, str], str] = {
     ("RetrainingStateMachineRole", "sagemaker:ListTags"):
         "Listed in the Step Functions policy for the SageMaker .sync integration (Step Functions Developer Guide, "
         "'IAM policies for Amazon SageMaker AI'); local mode's integration does not list tags.",
-    ("RetrainingStateMachineQualityAlarmRole", "*"):
-        "EventBridge starts a retraining with this role when a live-quality alarm goes to ALARM; local mode "
-        "evaluates alarms (localmode/alarms.py) and tests/localmode_server/test_up_boto3.py drives both alarms to "
-        "ALARM, in an `up` subprocess whose calls are traced only when LOCALMODE_IAM_TRACE_DIR reaches it.",
+    ("CheckDataFunctionRole", "s3:AbortMultipartUpload"):
+        "lesion_common.s3_stream aborts a dataset file's multipart upload when writing it fails (an error inside "
+        "the block); tests/unit/test_class_counts.py drives that path on moto, the local runs never fail there.",
     ("PrepareTrainingFunctionRole", "sagemaker:DescribeModelPackage"):
         "Read when an approved model exists, to pass it as the baseline channel; the local runs retrain before any "
         "approval (tests/unit/test_training_handlers.py covers it).",
