@@ -57,6 +57,18 @@ SLOW = (
 SLOW_FIXTURES = {"model_dir"}
 
 
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With slow tests deselected (``make unit``), do not even import a file whose every test is slow: collection
+    would import torch and the like for nothing."""
+    if "not slow" not in (config.option.markexpr or ""):
+        return None
+    try:
+        relative = collection_path.resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return None
+    return True if relative in SLOW else None
+
+
 def _exists(entry: str) -> bool:
     path, _, test = entry.partition("::")
     file = REPO / path
