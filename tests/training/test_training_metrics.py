@@ -104,13 +104,18 @@ def test_class_bias_raises_balanced_accuracy_and_matches_a_shifted_softmax() -> 
     assert M.balanced_accuracy(cm) == pytest.approx(after)
 
 
-def test_decision_offsets_move_class_figures_not_probability_figures() -> None:
+def _skewed_validation() -> tuple[np.ndarray, np.ndarray]:
+    """2,000 labels of 4 imbalanced classes and probabilities leaning towards class 0."""
     rng = np.random.default_rng(0)
     y = rng.choice(4, 2000, p=[0.7, 0.15, 0.1, 0.05])
     logits = rng.normal(0.0, 1.0, (2000, 4))
     logits[np.arange(2000), y] += 1.5
     logits[:, 0] += 1.2
-    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return y, np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+
+
+def test_decision_offsets_move_class_figures_not_probability_figures() -> None:
+    y, probs = _skewed_validation()
     offsets, _, after = M.fit_class_offsets(y, probs)
     np.testing.assert_array_equal(M.decide(probs, offsets), M.apply_class_bias(probs, offsets).argmax(axis=1))
     np.testing.assert_array_equal(M.decide(probs, np.zeros(4)), probs.argmax(axis=1))
@@ -147,12 +152,7 @@ def test_fitted_offsets_give_every_class_the_same_balanced_mean_probability() ->
 
 
 def test_decide_on_validation_chooses_threshold_and_offsets_as_recorded() -> None:
-    rng = np.random.default_rng(0)
-    y = rng.choice(4, 2000, p=[0.7, 0.15, 0.1, 0.05])
-    logits = rng.normal(0.0, 1.0, (2000, 4))
-    logits[np.arange(2000), y] += 1.5
-    logits[:, 0] += 1.2
-    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    y, probs = _skewed_validation()
     start = np.array([-0.5, 0.2, 0.3, 0.0])
     fitted = M.decide_on_validation(y, probs, 3, fit_offsets=True, start=start, target_sensitivity=0.8)
     offsets, before, after = M.fit_class_offsets(y, probs, start=start)

@@ -66,3 +66,17 @@ class RecordingStepFunctions:
 
     def send_task_heartbeat(self, **kwargs: Any) -> dict[str, Any]:
         return self._record("heartbeat", kwargs)
+
+
+def tar_gz(files: dict[str, bytes]) -> bytes:
+    """A gzipped tar of ``files`` (name -> bytes), as a training job's output.tar.gz."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from botocore.exceptions import ClientError
 from moto import mock_aws
 
 from lesion_common import notifications as texts
-from tests.unit.handlers import Context, load_handler
+from tests.unit.handlers import Context, load_handler, tar_gz
 
 REPO = Path(__file__).resolve().parents[2]
 EVENTS = REPO / "events" / "compose_notification"
@@ -333,14 +331,8 @@ def _event(name: str) -> dict[str, Any]:
 
 
 def _put_output(files: dict[str, bytes], job: str = "skinlesion-manual-2026-11-29") -> None:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
     boto3.client("s3").put_object(Bucket="skin-lesion-artifacts", Key=f"training-jobs/{job}/output/output.tar.gz",
-                                  Body=buf.getvalue())
+                                  Body=tar_gz(files))
 
 
 PNG = b"\x89PNG\r\n\x1a\nfake"

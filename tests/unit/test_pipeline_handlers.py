@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 from moto import mock_aws
 
 from lesion_common.splits import assign_split
-from tests.unit.handlers import Context, load_handler
+from tests.unit.handlers import Context, load_handler, tar_gz
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
@@ -142,14 +141,8 @@ METRICS = {
 
 def _put_job_output(files: dict[str, bytes]) -> dict[str, str]:
     """The job's output.tar.gz in S3, and the evaluate input the .sync state's output gives for that job."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
     boto3.client("s3").put_object(Bucket="artifacts", Key="training-jobs/skinlesion-run-1/output/output.tar.gz",
-                                  Body=buf.getvalue())
+                                  Body=tar_gz(files))
     return {"trainingJobName": "skinlesion-run-1",
             "modelDataUrl": "s3://artifacts/training-jobs/skinlesion-run-1/output/model.tar.gz"}
 
