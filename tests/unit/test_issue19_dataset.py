@@ -12,16 +12,15 @@ import csv
 import io
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import boto3
 import pytest
-from moto import mock_aws
 
 from lesion_common.splits import SPLITS, assign_split
+from tests.unit import test_issue16_sharding as sharding
 from tests.unit.handlers import Context, load_handler
 from tests.unit.test_pipeline_handlers import CHECK_ENV as PIPELINE_CHECK_ENV
 
@@ -44,30 +43,7 @@ VALIDATE_ENV = {
 }
 
 
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    with mock_aws():
-        boto3.client("dynamodb").create_table(
-            TableName="manifest", BillingMode="PAY_PER_REQUEST",
-            AttributeDefinitions=[{"AttributeName": n, "AttributeType": "S"}
-                                  for n in ("image_id", "status_shard", "validated_at")],
-            KeySchema=[{"AttributeName": "image_id", "KeyType": "HASH"}],
-            GlobalSecondaryIndexes=[{"IndexName": "by-status-shard", "Projection": {"ProjectionType": "ALL"},
-                                     "KeySchema": [{"AttributeName": "status_shard", "KeyType": "HASH"},
-                                                   {"AttributeName": "validated_at", "KeyType": "RANGE"}]}],
-        )
-        boto3.client("dynamodb").create_table(
-            TableName="hashes", BillingMode="PAY_PER_REQUEST",
-            AttributeDefinitions=[{"AttributeName": n, "AttributeType": "S"} for n in ("pk", "sk")],
-            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
-        )
-        for bucket in ("data", "artifacts"):
-            boto3.client("s3").create_bucket(Bucket=bucket)
-        boto3.client("sagemaker").create_model_package_group(ModelPackageGroupName="grp")
-        yield
+aws = sharding.aws  # the tables exactly as template.yaml declares them
 
 
 def _lesions_in(split: str, n: int, prefix: str) -> list[str]:
