@@ -13,7 +13,13 @@ import numpy as np
 from PIL import Image
 
 from inference_image.imaging import DecodedImage
-from lesionml.preprocessing import PreprocessingSpec, crop_box_for_aspect, resize_for_model
+from lesionml.preprocessing import (
+    PreprocessingSpec,
+    crop_box_for_aspect,
+    detail_factor,
+    model_input,
+    resize_for_model,
+)
 
 _STATS_MAX_SIDE = 256  # lesionml.reference_stats computes its statistics on a copy no larger than this
 _LUMA_W = np.array([0.299, 0.587, 0.114], dtype=np.float32) / np.float32(255.0)  # ITU-R BT.601, as lesionml
@@ -97,6 +103,8 @@ class ModelInputBuilder:
 
     def normalise(self, p: np.ndarray) -> np.ndarray:
         """``(3, H, W)`` uint8 planes to the normalised float32 model input."""
+        if self.spec.color_constancy != "none":  # lesionml's own last steps, colour constancy first
+            return model_input(p.reshape(3, -1).astype(np.float32), p.shape[1], p.shape[2], self.spec)
         out = np.multiply(p, self.scale, dtype=np.float32)
         out += self.offset
         return out
@@ -106,11 +114,13 @@ class ModelInputBuilder:
         uint8 and as float32 ``(3, H*W)`` (the statistics reuse both)."""
         spec = self.spec
         w, h = decoded.size
-        full = (w, h) == (spec.width, spec.height) and (
+        full = (w, h) == (spec.width, spec.height) and detail_factor(w, h, spec) >= 1.0 and (
             spec.resize == "stretch" or crop_box_for_aspect(w, h, spec.width, spec.height) == (0, 0, w, h))
         if full:  # already the model's size: no Pillow image needed at all
             p = planes_from_array(decoded.pixels)
             f = p.reshape(3, -1).astype(np.float32)
+            if spec.color_constancy != "none":
+                return model_input(f.copy(), h, w, spec), (p, f)
             x = f.reshape(p.shape) * self.scale
             x += self.offset
             return x, (p, f)

@@ -153,6 +153,87 @@ def choose_threshold(y_binary: np.ndarray, scores: np.ndarray, target_sensitivit
     return float(thr[idx])
 
 
+def highest_threshold_reaching(scores_of_positives: np.ndarray, sensitivity: float) -> float:
+    """The highest threshold at which at least ``sensitivity`` of these positives score ``>=`` it."""
+    s = np.sort(np.asarray(scores_of_positives, dtype=np.float64))[::-1]
+    if len(s) == 0:
+        return float("inf")
+    k = max(1, int(np.ceil(sensitivity * len(s) - 1e-9)))
+    return float(s[min(k, len(s)) - 1])
+
+
+def lowest_threshold_keeping(scores_of_negatives: np.ndarray, specificity: float) -> float:
+    """The lowest threshold at which at least ``specificity`` of these negatives score below it."""
+    s = np.sort(np.asarray(scores_of_negatives, dtype=np.float64))
+    if len(s) == 0 or specificity <= 0:
+        return 0.0
+    k = int(np.ceil(specificity * len(s) - 1e-9))  # negatives that must fall below the threshold
+    return float(np.nextafter(s[k - 1], np.inf)) if k >= 1 else 0.0
+
+
+@dataclass(frozen=True)
+class RobustThreshold:
+    """The melanoma threshold chosen so that sensitivity holds under acquisition shift (``threshold_policy=shifted``).
+
+    Attributes
+    ----------
+    threshold : float
+        The chosen threshold.
+    validation_threshold : float
+        The clean validation split's own choice (:func:`choose_threshold`), and the clean sensitivity it reaches,
+        ``clean_sensitivity``: the level every shift is held to.
+    floor_threshold : float
+        The lowest threshold keeping the clean validation specificity at the floor; the choice never goes below.
+    tradeoff : dict
+        Clean sensitivity and specificity, and each shift's sensitivity, at both thresholds.
+    """
+
+    threshold: float
+    validation_threshold: float
+    clean_sensitivity: float
+    floor_threshold: float
+    specificity_floor: float
+    tradeoff: dict[str, dict[str, float]]
+
+
+def choose_robust_threshold(
+    y_binary: np.ndarray, scores: np.ndarray, shifted_positive_scores: dict[str, np.ndarray],
+    validation_threshold: float, specificity_floor: float,
+) -> RobustThreshold:
+    """Lower the validation threshold until every shift's melanomas are caught as often as the clean ones.
+
+    Parameters
+    ----------
+    y_binary, scores : np.ndarray
+        Clean validation truth (melanoma or not) and ``P(mel)``.
+    shifted_positive_scores : dict
+        ``P(mel)`` of the validation melanomas under each shift (:data:`lesionml.acquisition.SHIFTS`).
+    validation_threshold : float
+        The clean choice (:func:`choose_threshold`).
+    specificity_floor : float
+        Sensitivity comes first, but not below this clean validation specificity.
+    """
+    y = np.asarray(y_binary, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    clean_sens, _ = sensitivity_specificity(y, s, validation_threshold)
+    floor = lowest_threshold_keeping(s[~y], specificity_floor)
+    if not y.any() or not (~y).any():
+        return RobustThreshold(validation_threshold, validation_threshold, clean_sens, floor, specificity_floor, {})
+    needed = min([validation_threshold] + [highest_threshold_reaching(v, clean_sens)
+                                          for v in shifted_positive_scores.values()])
+    threshold = float(max(needed, min(floor, validation_threshold)))
+
+    def row(t: float) -> dict[str, float]:
+        sens, spec = sensitivity_specificity(y, s, t)
+        out = {"threshold": t, "clean_sensitivity": sens, "clean_specificity": spec}
+        for name, v in shifted_positive_scores.items():
+            out[f"{name}_sensitivity"] = float(np.mean(np.asarray(v) >= t)) if len(v) else float("nan")
+        return out
+
+    tradeoff = {"validation_threshold": row(validation_threshold), "chosen": row(threshold)}
+    return RobustThreshold(threshold, validation_threshold, clean_sens, floor, specificity_floor, tradeoff)
+
+
 def _log_probs(probs: np.ndarray) -> np.ndarray:
     """``log(probs)`` in float64, with zeros clipped to 1e-30 (a finite score for the offsets to move)."""
     return np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-30, None))

@@ -19,13 +19,15 @@ import os
 import random
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from lesion_common.labels import parse_metadata_csv
+from lesion_common.splits import DATASET_COLUMNS
 from lesionml.labels import classes_document, classes_for
 
 SPLITS = ("train", "validation", "test")
-MANIFEST_HEADER = ("image_id", "path", "label", "lesion_id")
+MANIFEST_HEADER = DATASET_COLUMNS
 
 
 def read_ham_metadata(metadata: Path, images: Path, label_set: str = "ham7") -> list[dict[str, str]]:
@@ -45,10 +47,42 @@ def read_ham_metadata(metadata: Path, images: Path, label_set: str = "ham7") -> 
                             "path": f"{rec['image_id']}{ext}",
                             "label": label,
                             "lesion_id": rec.get("lesion_id") or rec["image_id"],
+                            "source": "ham10000",
                         }
                     )
                     break
     return rows
+
+
+def read_labelled_source(
+    labels: Path, images: Path, source: str, label_set: str = "ham7"
+) -> list[dict[str, str]]:
+    """Rows of any label file :func:`lesion_common.labels.parse_metadata_csv` reads (as uploads' label files are
+    read), for the images found in ``images`` as ``<image_id>.jpg|.jpeg|.png``; ``path`` is ``<source>/<file>``.
+
+    The lesion is the file's grouping (``lesion_group``, else ``lesion_id``), else the image itself.
+    """
+    rows = []
+    for rec in parse_metadata_csv(labels.read_text(encoding="utf-8"), label_set=label_set):
+        if not rec.ok or rec.label is None:
+            continue
+        for ext in (".jpg", ".jpeg", ".png"):
+            if (images / f"{rec.image_id}{ext}").is_file():
+                rows.append({"image_id": rec.image_id, "path": f"{source}/{rec.image_id}{ext}", "label": rec.label,
+                             "lesion_id": rec.lesion_id or rec.image_id, "source": source})
+                break
+    return rows
+
+
+def merge_splits(*parts: dict[str, list[dict[str, str]]]) -> dict[str, list[dict[str, str]]]:
+    """Several sources' splits (each made by :func:`split_by_lesion` on its own) as one dataset."""
+    out: dict[str, list[dict[str, str]]] = {s: [] for s in SPLITS}
+    for part in parts:
+        for split in SPLITS:
+            out[split].extend(part[split])
+    for split in SPLITS:
+        out[split].sort(key=lambda r: r["image_id"])
+    return out
 
 
 def split_by_lesion(
@@ -97,22 +131,38 @@ def write_manifests(splits: dict[str, list[dict[str, str]]], out_dir: Path, labe
         with open(out_dir / f"{split}.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=MANIFEST_HEADER)
             w.writeheader()
-            w.writerows({k: r[k] for k in MANIFEST_HEADER} for r in splits[split])
+            w.writerows({k: r.get(k, "") for k in MANIFEST_HEADER} for r in splits[split])
     (out_dir / "classes.json").write_text(json.dumps(classes_document(label_set)) + "\n")
 
 
-def make_job_dir(
-    job_dir: Path, splits: dict[str, list[dict[str, str]]], images: Path, hyperparameters: dict[str, str]
-) -> None:
-    """Lay out a fake ``/opt/ml``: ``input/data/{manifests,images}`` and ``input/config/hyperparameters.json``."""
-    data = job_dir / "input" / "data"
-    write_manifests(splits, data / "manifests")
-    link = data / "images"
+def _link(link: Path, target: Path) -> None:
     if link.is_symlink() or link.exists():
         if not link.is_symlink():
             raise FileExistsError(f"{link} exists and is not a symlink")
         link.unlink()
-    os.symlink(images.resolve(), link, target_is_directory=True)
+    os.symlink(target.resolve(), link, target_is_directory=True)
+
+
+def make_job_dir(
+    job_dir: Path, splits: dict[str, list[dict[str, str]]], images: Path | Mapping[str, Path],
+    hyperparameters: dict[str, str],
+) -> None:
+    """Lay out a fake ``/opt/ml``: ``input/data/{manifests,images}`` and ``input/config/hyperparameters.json``.
+
+    ``images`` is one folder (the channel is a link to it), or one folder per source (the channel is a folder of
+    links named by source, as the rows' ``<source>/<file>`` paths expect).
+    """
+    data = job_dir / "input" / "data"
+    write_manifests(splits, data / "manifests")
+    link = data / "images"
+    if isinstance(images, Path):
+        _link(link, images)
+    else:
+        if link.is_symlink():
+            link.unlink()
+        link.mkdir(parents=True, exist_ok=True)
+        for source, folder in images.items():
+            _link(link / source, folder)
     config = job_dir / "input" / "config"
     config.mkdir(parents=True, exist_ok=True)
     # SageMaker writes every hyperparameter value as a string.

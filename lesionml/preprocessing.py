@@ -2,15 +2,25 @@
 
 ``preprocessing.json`` (written next to ``model.ts``) holds a :class:`PreprocessingSpec`::
 
-    {"version": 1, "arch": "efficientnet_lite0", "height": 150, "width": 200,
+    {"version": 2, "arch": "efficientnet_lite0", "height": 192, "width": 256,
      "mean": [0.498, 0.498, 0.498], "std": [0.502, 0.502, 0.502],
      "resize": "center_crop_to_aspect", "interpolation": "bilinear",
-     "color": "RGB", "exif_transpose": true, "layout": "NCHW", "dtype": "float32", "scale": 255.0}
+     "color": "RGB", "exif_transpose": true, "layout": "NCHW", "dtype": "float32", "scale": 255.0,
+     "detail_width": 200, "detail_height": 150, "color_constancy": "shades_of_gray", "color_constancy_power": 6}
 
-The transform: decode, apply the EXIF orientation, convert to RGB, crop the largest centred region with the
-target aspect ratio (``width / height``; HAM10000's 4:3 images are not cropped at all), resize it to
-``width x height`` with bilinear filtering, scale to ``[0, 1]`` by dividing by ``scale`` and normalise per channel
-``(x - mean) / std``. The result is a float32 ``(3, height, width)`` array; stack arrays for a batch.
+The transform: decode, apply the EXIF orientation, convert to RGB; when the picture holds more detail than the
+training images did (its centred crop of the target aspect is larger than ``detail_width x detail_height``),
+reduce it to that first (:func:`reduce_to_detail`: what a 600x450 original must go through to look like the
+200x150 copies the model learnt from); crop the largest centred region with the target aspect ratio
+(``width / height``; HAM10000's 4:3 images are not cropped at all), resize it to ``width x height`` with bilinear
+filtering; with ``color_constancy: shades_of_gray``, divide each channel by its Minkowski ``p``-norm mean
+(:func:`shades_of_gray`: another illuminant or white balance is undone); scale to ``[0, 1]`` by dividing by
+``scale`` and normalise per channel ``(x - mean) / std``. The result is a float32 ``(3, height, width)`` array;
+stack arrays for a batch.
+
+Training applies the same detail cap to its images before augmenting them, and the same colour constancy after,
+so that an image reaches the network through one path whichever side of the model it is on. A version-1 file (no
+detail cap, no colour constancy) still reads, and means what it meant.
 
 Only numpy and Pillow are needed, so the inference image can use it without torchvision.
 """
@@ -26,8 +36,9 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageOps
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
 RESIZE_POLICIES = ("center_crop_to_aspect", "stretch")
+COLOR_CONSTANCY = ("none", "shades_of_gray")
 _INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 ImageSource = str | Path | bytes | IO[bytes] | Image.Image
@@ -49,9 +60,20 @@ class PreprocessingSpec:
     layout: str = "NCHW"
     dtype: str = "float32"
     scale: float = 255.0
+    # 0 = no cap (every version-1 model).
+    detail_width: int = 0
+    detail_height: int = 0
+    color_constancy: str = "none"
+    color_constancy_power: float = 6.0
     version: int = field(default=SPEC_VERSION)
 
     def __post_init__(self) -> None:
+        if self.version > SPEC_VERSION:
+            raise ValueError(f"preprocessing version {self.version} is newer than this code reads ({SPEC_VERSION})")
+        if self.color_constancy not in COLOR_CONSTANCY:
+            raise ValueError(f"unknown color_constancy {self.color_constancy!r}")
+        if self.detail_width < 0 or self.detail_height < 0:
+            raise ValueError("detail_width and detail_height must be >= 0")
         if self.resize not in RESIZE_POLICIES:
             raise ValueError(f"unknown resize policy {self.resize!r}")
         if self.interpolation not in _INTERPOLATION:
@@ -73,6 +95,7 @@ class PreprocessingSpec:
         kwargs["mean"] = tuple(float(v) for v in d["mean"])
         kwargs["std"] = tuple(float(v) for v in d["std"])
         kwargs["height"], kwargs["width"] = int(d["height"]), int(d["width"])
+        kwargs["version"] = int(d.get("version", 1))
         return cls(**kwargs)
 
 
@@ -125,8 +148,29 @@ def crop_box_for_aspect(width: int, height: int, target_w: int, target_h: int) -
     return 0, top, width, top + new_h
 
 
+def detail_factor(width: int, height: int, spec: PreprocessingSpec) -> float:
+    """How much a ``width x height`` picture must shrink per side to hold no more detail than the training images:
+    ``min(1, detail_width / crop_w, detail_height / crop_h)`` over the part of it the model sees."""
+    if not (spec.detail_width and spec.detail_height):
+        return 1.0
+    if spec.resize == "center_crop_to_aspect":
+        left, top, right, bottom = crop_box_for_aspect(width, height, spec.width, spec.height)
+        width, height = right - left, bottom - top
+    return min(1.0, spec.detail_width / width, spec.detail_height / height)
+
+
+def reduce_to_detail(img: Image.Image, spec: PreprocessingSpec) -> Image.Image:
+    """``img`` shrunk by :func:`detail_factor` (antialiased bilinear), or ``img`` itself when it needs no shrinking."""
+    factor = detail_factor(img.width, img.height, spec)
+    if factor >= 1.0:
+        return img
+    size = (max(1, round(img.width * factor)), max(1, round(img.height * factor)))
+    return img.resize(size, _INTERPOLATION[spec.interpolation])
+
+
 def resize_for_model(img: Image.Image, spec: PreprocessingSpec) -> Image.Image:
-    """Apply the spec's resize policy, returning a ``width x height`` RGB image."""
+    """Apply the detail cap and the spec's resize policy, returning a ``width x height`` RGB image."""
+    img = reduce_to_detail(img, spec)
     box = (0, 0, img.width, img.height)
     if spec.resize == "center_crop_to_aspect":
         box = crop_box_for_aspect(img.width, img.height, spec.width, spec.height)
@@ -135,11 +179,39 @@ def resize_for_model(img: Image.Image, spec: PreprocessingSpec) -> Image.Image:
     return img.resize((spec.width, spec.height), _INTERPOLATION[spec.interpolation], box=box)
 
 
+def shades_of_gray(planes: np.ndarray, power: float) -> np.ndarray:
+    """Shades of Gray colour constancy (Finlayson and Trezzi, 2004) on ``(3, N)`` float32 values in 0-255, in place.
+
+    The illuminant of each channel is its Minkowski ``power``-norm mean; each channel is scaled so that the
+    illuminant becomes grey at its mean level, then clipped to 0-255. A grey-lit picture is left as it is.
+    """
+    x = planes.astype(np.float64) / 255.0
+    illuminant = np.power(np.mean(np.power(x, power), axis=1), 1.0 / power)
+    gains = np.where(illuminant > 1e-6, illuminant.mean() / np.maximum(illuminant, 1e-6), 1.0)
+    planes *= gains.astype(np.float32)[:, None]
+    np.clip(planes, 0.0, 255.0, out=planes)
+    return planes
+
+
+def model_input(planes: np.ndarray, height: int, width: int, spec: PreprocessingSpec) -> np.ndarray:
+    """``(3, H*W)`` float32 values in 0-255 to the normalised ``(3, H, W)`` model input (colour constancy first).
+
+    Shared by :func:`normalise` and the training augmentation, which hands over its colour-jittered planes.
+    """
+    if spec.color_constancy == "shades_of_gray":
+        shades_of_gray(planes, spec.color_constancy_power)
+    # (v / scale - mean) / std as one multiply-add per value.
+    std = np.asarray(spec.std, dtype=np.float64)
+    planes *= (1.0 / (spec.scale * std)).astype(np.float32)[:, None]
+    planes += (-np.asarray(spec.mean, dtype=np.float64) / std).astype(np.float32)[:, None]
+    return planes.reshape(3, height, width)
+
+
 def normalise(pixels: np.ndarray, spec: PreprocessingSpec) -> np.ndarray:
     """``(H, W, 3)`` uint8 pixels to a normalised float32 ``(3, H, W)`` array."""
-    x: np.ndarray = pixels.astype(np.float32) / np.float32(spec.scale)
-    x = (x - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    h, w, _ = pixels.shape
+    planes = np.ascontiguousarray(pixels.reshape(-1, 3).T, dtype=np.float32)
+    return model_input(planes, h, w, spec)
 
 
 def preprocess(source: ImageSource, spec: PreprocessingSpec) -> np.ndarray:

@@ -93,6 +93,23 @@ def _parse_image_size(v: str) -> tuple[int, int]:
     return h, w
 
 
+def _detail_size(v: str) -> tuple[int, int]:
+    """``auto`` (-1, -1), ``none`` (0, 0) or ``WIDTHxHEIGHT``; returns (height, width) like ``image_size``."""
+    s = v.strip().lower()
+    if s == "auto":
+        return -1, -1
+    if s == "none":
+        return 0, 0
+    try:
+        return _parse_image_size(s)
+    except ValueError:
+        raise ValueError('expected "auto", "none" or WIDTHxHEIGHT such as "200x150"') from None
+
+
+def _format_detail(hw: tuple[int, int]) -> str:
+    return {(-1, -1): "auto", (0, 0): "none"}.get(hw, f"{hw[1]}x{hw[0]}")
+
+
 def _optional_label_set(v: str) -> str:
     s = v.strip().lower()
     if s and s not in LABEL_SETS:
@@ -135,6 +152,7 @@ FLOAT: Kind[float] = Kind(_parse_float, hint="expected a number")
 BOOL: Kind[bool] = Kind(_parse_bool, lambda b: "true" if b else "false")
 AUTO_INT: Kind[int] = Kind(_auto_or_int, lambda n: "auto" if n == -1 else str(n))  # "auto" is -1
 IMAGE_SIZE: Kind[tuple[int, int]] = Kind(_parse_image_size, lambda hw: f"{hw[1]}x{hw[0]}")
+DETAIL_SIZE: Kind[tuple[int, int]] = Kind(_detail_size, _format_detail)
 LAYER_NAME: Kind[str] = Kind(_parse_layer_name)
 ARCH: Kind[str] = Kind(_arch)
 LABEL_SET: Kind[str] = Kind(_optional_label_set)
@@ -206,6 +224,22 @@ class Config:
         "weights. Empty: the whole backbone fine-tunes",
     )
     image_size: tuple[int, int] = _hp(IMAGE_SIZE, "200x150", "model input, WIDTHxHEIGHT or a single number")
+    detail_size: tuple[int, int] = _hp(
+        DETAIL_SIZE, "auto",
+        "the most detail an image may bring, WIDTHxHEIGHT of its centred crop: larger pictures are reduced to it "
+        "before anything else, in training and in serving (preprocessing.json), so that a sharper camera's picture "
+        "reaches the network as the training images did. auto = the median training image; none = no cap",
+    )
+    color_constancy: str = _hp(
+        _choice("shades_of_gray", "none"), "shades_of_gray",
+        "colour constancy in the shared preprocessing (training and serving): shades_of_gray divides each channel "
+        "by its 6-norm mean, undoing another illuminant or white balance",
+    )
+    acquisition_aug: float = _hp(
+        FLOAT, "0.5",
+        "fraction of training samples that also go through a random acquisition (lesionml.acquisition: squash, "
+        "resolution, sharpening, gamma, colour cast, vignetting, JPEG)", lambda v: 0 <= v <= 1, "must be in [0, 1]",
+    )
     label_set: str = _hp(LABEL_SET, "", "ham7 or isic8; empty takes the manifests' classes.json")
     seed: int = _hp(INT, "42", "random seed")
     patience: int = _hp(
@@ -243,6 +277,16 @@ class Config:
     )
     melanoma_target_sensitivity: float = _hp(
         FLOAT, "0", "threshold policy: 0 = Youden's J on validation, else the validation sensitivity to reach",
+        lambda v: 0 <= v < 1, "must be in [0, 1)",
+    )
+    threshold_policy: str = _hp(
+        _choice("shifted", "validation"), "shifted",
+        "validation = the threshold melanoma_target_sensitivity picks on the validation split; shifted = then "
+        "lowered until the validation melanomas under every acquisition shift (lesionml.acquisition.SHIFTS) are "
+        "caught as often as the clean ones, but never below melanoma_specificity_floor on clean validation",
+    )
+    melanoma_specificity_floor: float = _hp(
+        FLOAT, "0.7", "threshold_policy=shifted: the lowest clean validation specificity the threshold may reach",
         lambda v: 0 <= v < 1, "must be in [0, 1)",
     )
     class_bias: str = _hp(

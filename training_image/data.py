@@ -18,8 +18,18 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lesion_common.splits import DATASET_COLUMNS
+from lesionml.acquisition import random_acquisition, random_squash
 from lesionml.labels import class_index, classes_for, melanoma_index, parse_classes_document
-from lesionml.preprocessing import PreprocessingSpec, crop_box_for_aspect, load_image, normalise, resize_for_model
+from lesionml.preprocessing import (
+    PreprocessingSpec,
+    crop_box_for_aspect,
+    load_image,
+    model_input,
+    normalise,
+    reduce_to_detail,
+    resize_for_model,
+)
 from lesionml.reference_stats import image_statistics
 from training_image.config import Config, ConfigError, Paths
 
@@ -28,7 +38,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 SPLITS = ("train", "validation", "test")
-MANIFEST_COLUMNS = ("image_id", "path", "label", "lesion_id")
+# The columns every split's CSV has; ``source`` (the dataset an image came from) is optional.
+MANIFEST_COLUMNS = DATASET_COLUMNS[:4]
 # Up to this fraction of a split may be missing on disk (logged and dropped); more means a broken channel.
 MAX_MISSING_FRACTION = 0.01
 
@@ -41,6 +52,7 @@ class Sample:
     path: Path
     label: int
     lesion_id: str
+    source: str = ""
 
 
 def read_classes(manifests: Path, label_set_hp: str) -> tuple[str, tuple[str, ...]]:
@@ -81,7 +93,8 @@ def read_manifest(path: Path, images_root: Path, label_set: str) -> list[Sample]
             if not image_path.is_file():
                 missing.append(rel)
                 continue
-            samples.append(Sample(row["image_id"], image_path, index[label], row["lesion_id"] or row["image_id"]))
+            samples.append(Sample(row["image_id"], image_path, index[label], row["lesion_id"] or row["image_id"],
+                                  (row.get("source") or "").strip()))
     total = len(samples) + len(missing)
     if missing:
         msg = f"{len(missing)} of {total} images of {path.name} are missing from the images channel (e.g. {missing[0]})"
@@ -126,16 +139,40 @@ def _map_threads(fn: Callable[[T], R], items: Sequence[T], threads: int) -> list
         return list(pool.map(fn, items, chunksize=16))
 
 
+def median_crop_size(samples: Sequence[Sample], height: int, width: int) -> tuple[int, int]:
+    """``(height, width)`` of the median training image's centred crop of the model's aspect (``detail_size=auto``).
+
+    Reads the image headers only. The median, not the smallest: one low-resolution source among several must not
+    blur the others, and the resolution augmentation covers pictures below it.
+    """
+    widths = []
+    for s in samples:
+        try:
+            with Image.open(s.path) as img:
+                w, h = img.size
+        except OSError:
+            continue
+        left, top, right, bottom = crop_box_for_aspect(w, h, width, height)
+        widths.append(right - left)
+    if not widths:
+        return 0, 0
+    w = int(np.median(widths))
+    return max(1, round(w * height / width)), w
+
+
 class TrainImages:
     """Decoded training images, cached in memory when they fit.
 
-    Cached copies are shrunk to at most twice the model input per side: random crops never need more detail,
-    and it bounds memory for large uploads.
+    Each image is first reduced to the spec's detail cap (:func:`lesionml.preprocessing.reduce_to_detail`), as
+    serving reduces it, so a sharper source trains at the detail it will be served at. Cached copies are then shrunk
+    to at most twice the model input per side: random crops never need more detail, and it bounds memory for large
+    uploads.
     """
 
-    def __init__(self, samples: Sequence[Sample], height: int, width: int, cache: str, threads: int) -> None:
+    def __init__(self, samples: Sequence[Sample], spec: PreprocessingSpec, cache: str, threads: int) -> None:
         self.samples = list(samples)
-        self.max_side = (2 * width, 2 * height)
+        self.spec = spec
+        self.max_side = (2 * spec.width, 2 * spec.height)
         self.cache: list[np.ndarray] | None = None
         if cache == "true" or (cache == "auto" and self._fits()):
             self.cache = _map_threads(self._decode, self.samples, threads)
@@ -145,7 +182,7 @@ class TrainImages:
         return len(self.samples) * per_image < min(8 << 30, _mem_available() // 4)
 
     def _decode(self, s: Sample) -> np.ndarray:
-        img = load_image(s.path)
+        img = reduce_to_detail(load_image(s.path, exif_transpose=self.spec.exif_transpose), self.spec)
         if img.width > self.max_side[0] or img.height > self.max_side[1]:
             img.thumbnail(self.max_side, Image.Resampling.BILINEAR)
         return np.asarray(img)
@@ -220,7 +257,8 @@ def augment(img: Image.Image, rng: np.random.Generator, height: int, width: int,
 def jitter_and_normalise(pixels: np.ndarray, rng: np.random.Generator, spec: PreprocessingSpec) -> np.ndarray:
     """``(H, W, 3)`` uint8 pixels to the normalised float32 ``(3, H, W)`` model input after a random colour jitter.
 
-    The result is clipped to the 0-255 range before normalising, as a jittered 8-bit image would be.
+    The result is clipped to the 0-255 range, as a jittered 8-bit image would be, then goes through the serving
+    transform's last steps (:func:`lesionml.preprocessing.model_input`: colour constancy, normalisation).
     """
     h, w, _ = pixels.shape
     planes = pixels.reshape(-1, 3).T.astype(np.float32)  # (3, H*W)
@@ -229,21 +267,25 @@ def jitter_and_normalise(pixels: np.ndarray, rng: np.random.Generator, spec: Pre
     out = matrix.astype(np.float32) @ planes
     out += offset.astype(np.float32)[:, None]
     np.clip(out, 0.0, 255.0, out=out)
-    # (v / scale - mean) / std as one multiply-add per value.
-    std = np.asarray(spec.std, dtype=np.float64)
-    out *= (1.0 / (spec.scale * std)).astype(np.float32)[:, None]
-    out += (-np.asarray(spec.mean, dtype=np.float64) / std).astype(np.float32)[:, None]
-    return out.reshape(3, h, w)
+    return model_input(out, h, w, spec)
 
 
 class TrainDataset(Dataset[tuple[torch.Tensor, int]]):
-    """Augmented training samples; randomness depends only on (seed, epoch, index), not on workers."""
+    """Augmented training samples; randomness depends only on (seed, epoch, index), not on workers.
 
-    def __init__(self, images: TrainImages, spec: PreprocessingSpec, seed: int, min_scale: float) -> None:
+    With ``acquisition`` > 0, that fraction of the samples also goes through a random acquisition: sometimes a
+    squash before the crop, then resolution, sharpening, tone, colour cast, vignetting and JPEG on the model-sized
+    crop (:mod:`lesionml.acquisition`).
+    """
+
+    def __init__(
+        self, images: TrainImages, spec: PreprocessingSpec, seed: int, min_scale: float, acquisition: float = 0.0
+    ) -> None:
         self.images = images
         self.spec = spec
         self.seed = seed
         self.min_scale = min_scale
+        self.acquisition = acquisition
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -251,17 +293,31 @@ class TrainDataset(Dataset[tuple[torch.Tensor, int]]):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         rng = np.random.default_rng((self.seed, self.epoch, i))
-        img = augment(self.images.get(i), rng, self.spec.height, self.spec.width, self.min_scale)
+        img = self.images.get(i)
+        shifted = self.acquisition > 0 and rng.random() < self.acquisition
+        if shifted:
+            img = random_squash(img, rng)
+        img = augment(img, rng, self.spec.height, self.spec.width, self.min_scale)
+        if shifted:
+            img = random_acquisition(img, rng)
         x = jitter_and_normalise(np.asarray(img), rng, self.spec)
         return torch.from_numpy(x), self.images.samples[i].label
 
 
 class EvalImages:
-    """Validation/test images after the serving resize (uint8), plus image statistics of the originals."""
+    """Validation/test images after the serving resize (uint8), plus image statistics of the originals.
 
-    def __init__(self, samples: Sequence[Sample], spec: PreprocessingSpec, threads: int) -> None:
+    With ``shift`` (one of :data:`lesionml.acquisition.SHIFTS`), each picture is first changed by it: the same
+    images as another camera or clinic would have taken them.
+    """
+
+    def __init__(
+        self, samples: Sequence[Sample], spec: PreprocessingSpec, threads: int,
+        shift: Callable[[Image.Image], Image.Image] | None = None,
+    ) -> None:
         self.samples = list(samples)
         self.spec = spec
+        self.shift = shift
         decoded = _map_threads(self._load, self.samples, threads)
         self.pixels: list[np.ndarray] = [d[0] for d in decoded]
         self.stats: list[dict[str, float]] = [d[1] for d in decoded]
@@ -269,13 +325,15 @@ class EvalImages:
 
     def _load(self, s: Sample) -> tuple[np.ndarray, dict[str, float]]:
         img = load_image(s.path, exif_transpose=self.spec.exif_transpose)
+        if self.shift is not None:
+            img = self.shift(img)
         return np.asarray(resize_for_model(img, self.spec)), image_statistics(img)
 
     def same_geometry(self, spec: PreprocessingSpec) -> bool:
         """Whether ``spec`` resizes exactly like this cache (so only normalisation differs)."""
         a, b = self.spec, spec
-        return (a.height, a.width, a.resize, a.interpolation, a.exif_transpose) == (
-            b.height, b.width, b.resize, b.interpolation, b.exif_transpose,
+        return (a.height, a.width, a.resize, a.interpolation, a.exif_transpose, a.detail_width, a.detail_height) == (
+            b.height, b.width, b.resize, b.interpolation, b.exif_transpose, b.detail_width, b.detail_height,
         )
 
 

@@ -24,8 +24,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from lesionml.acquisition import SHIFTS
 from lesionml.labels import classes_document, melanoma_index, parse_classes_document
-from lesionml.metrics import ValidationDecision, decide, decide_on_validation, evaluate_split
+from lesionml.metrics import (
+    RobustThreshold,
+    ValidationDecision,
+    choose_robust_threshold,
+    decide,
+    decide_on_validation,
+    evaluate_split,
+)
 from lesionml.model_dir import MANIFEST_NAME, record_known_answers, write_manifest
 from lesionml.models import LesionNet, export_torchscript, load_torchscript, view_count
 from lesionml.preprocessing import PreprocessingSpec, read_spec, write_spec
@@ -113,6 +121,58 @@ def _choose(cfg: Config, preds: Predictions, mel: int, start: np.ndarray | None)
     return decide_on_validation(preds.labels, preds.probs, mel, fit, start, cfg.melanoma_target_sensitivity)
 
 
+def robust_threshold(
+    cfg: Config, fn: Predictor, decision: ValidationDecision, val: Predictions, val_images: EvalImages,
+    spec: PreprocessingSpec, mel: int, rt: Runtime, workers: int, batch: int,
+) -> RobustThreshold | None:
+    """``threshold_policy=shifted``: the validation melanomas under every acquisition shift, and the threshold that
+    catches them as often as the clean ones (:func:`lesionml.metrics.choose_robust_threshold`).
+
+    Only the melanomas are shifted (the floor is on clean specificity): about one more validation pass for the
+    nine shifts of a split with HAM10000's share of melanoma.
+    """
+    if cfg.threshold_policy != "shifted" or cfg.dry_run:
+        return None
+    melanomas = [s for s in val_images.samples if s.label == mel]
+    if not melanomas:
+        return None
+    threads = max(1, torch.get_num_threads())
+    shifted = {}
+    for name, shift in SHIFTS.items():
+        images = EvalImages(melanomas, spec, threads, shift=shift)
+        loader = make_loader(EvalDataset(images, spec), batch, None, workers, rt.device)
+        shifted[name] = predict(fn, loader, rt.device, cfg.channels_last, None, False).probs[:, mel]
+    choice = choose_robust_threshold(val.labels == mel, val.probs[:, mel], shifted, decision.melanoma_threshold,
+                                     cfg.melanoma_specificity_floor)
+    log.info("melanoma threshold %.4f (clean validation's %.4f, specificity floor at %.4f): %s", choice.threshold,
+             choice.validation_threshold, choice.floor_threshold,
+             {k: round(v, 3) for k, v in choice.tradeoff.get("chosen", {}).items()})
+    return choice
+
+
+def _by_source(
+    p: Predictions, images: EvalImages, classes: tuple[str, ...], threshold: float, mel: int, offsets: np.ndarray,
+) -> dict[str, Any] | None:
+    """A split's figures per source (the manifest's ``source`` column), when it holds more than one."""
+    sources = np.array([s.source or "unknown" for s in images.samples])
+    if len(set(sources.tolist())) < 2:
+        return None
+    return {str(src): evaluate_split(p.labels[sources == src], p.probs[sources == src], classes, threshold, mel,
+                                     offsets) | {"n": int((sources == src).sum())}
+            for src in sorted(set(sources.tolist()))}
+
+
+def _threshold_block(choice: RobustThreshold | None, cfg: Config) -> dict[str, Any]:
+    """``metrics.json``'s ``melanoma_threshold_choice``: how the threshold was chosen, and what it trades."""
+    if choice is None:
+        return {"policy": "validation"}
+    return {
+        "policy": cfg.threshold_policy, "validation_threshold": choice.validation_threshold,
+        "clean_validation_sensitivity": choice.clean_sensitivity, "specificity_floor": choice.specificity_floor,
+        "floor_threshold": choice.floor_threshold, "shifts": list(SHIFTS), "tradeoff": choice.tradeoff,
+    }
+
+
 def _json_dump(path: Path, doc: Any) -> None:
     path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
@@ -172,10 +232,15 @@ def evaluate_baseline(
         out[name] = predict(fn, loader, rt.device, False, None, False, 1 if cfg.dry_run else 0)
     mel = melanoma_index(label_set)
     decision = _choose(cfg, out["validation"], mel, recorded_offsets(root / "metrics.json", classes))
+    # The same threshold policy as the new model's, so that the gate compares like with like.
+    val_images = val_images if val_images.same_geometry(spec) else EvalImages(val_images.samples, spec, threads)
+    choice = robust_threshold(cfg, fn, decision, out["validation"], val_images, spec, mel, rt, workers,
+                              eval_batch_size(cfg, rt.device))
+    threshold = choice.threshold if choice else decision.melanoma_threshold
     test = out["test"]
-    block = evaluate_split(test.labels, test.probs, classes, decision.melanoma_threshold, mel, decision.offsets)
+    block = evaluate_split(test.labels, test.probs, classes, threshold, mel, decision.offsets)
     block["architecture"] = spec.arch
-    block["melanoma_threshold"] = decision.melanoma_threshold
+    block["melanoma_threshold"] = threshold
     block["decision_offsets"] = dict(zip(classes, decision.offsets.tolist(), strict=True))
     return block
 
@@ -292,8 +357,12 @@ def finish(
         log.info("decision offsets %s: validation balanced accuracy %.4f -> %.4f",
                  np.round(decision.offsets, 2).tolist(), decision.balanced_accuracy_before,
                  decision.balanced_accuracy_after)
-    threshold, offsets = decision.melanoma_threshold, decision.offsets
+    choice = robust_threshold(cfg, fn, decision, val, val_images, spec, mel, rt, workers, batch)
+    threshold = choice.threshold if choice else decision.melanoma_threshold
+    offsets = decision.offsets
     blocks = {n: evaluate_split(p.labels, p.probs, data.classes, threshold, mel, offsets) for n, p in preds.items()}
+    by_source = {n: _by_source(p, images, data.classes, threshold, mel, offsets)
+                 for (n, p), images in zip(preds.items(), (val_images, test_images), strict=True)}
     baseline, baseline_error = _try_baseline(paths, data, val_images, test_images, rt, cfg, workers)
 
     metrics: dict[str, Any] = {
@@ -301,6 +370,7 @@ def finish(
         "classes": list(data.classes),
         "architecture": cfg.arch,
         "melanoma_threshold": threshold,
+        "melanoma_threshold_choice": _threshold_block(choice, cfg),
         "decision_offsets": dict(zip(data.classes, offsets.tolist(), strict=True)),
         "decision_offsets_validation_balanced_accuracy": {
             "before": decision.balanced_accuracy_before, "after": decision.balanced_accuracy_after,
@@ -310,6 +380,8 @@ def finish(
         "n_test": len(test.labels),
         "validation": blocks["validation"],
         "test": blocks["test"],
+        "validation_by_source": by_source["validation"],
+        "test_by_source": by_source["test"],
         "baseline": baseline,
         "baseline_error": baseline_error,
         "best_epoch": state.best_epoch,

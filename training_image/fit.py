@@ -212,7 +212,7 @@ class Fitter:
         self.epoch_times: dict[bool, list[float]] = {True: [], False: []}  # by frozen_backbone
 
         counts = class_counts(data.train, len(data.classes))
-        self.train_ds = TrainDataset(train_images, spec, cfg.seed, cfg.min_crop_scale)
+        self.train_ds = TrainDataset(train_images, spec, cfg.seed, cfg.min_crop_scale, cfg.acquisition_aug)
         sample_w = balanced_weights(counts)[[s.label for s in data.train]] if cfg.imbalance == "sampler" else None
         self.sampler = ShardedSampler(len(self.train_ds), sample_w, cfg.seed, rt.rank, rt.world_size)
         bs = min(cfg.batch_size, len(self.sampler))

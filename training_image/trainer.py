@@ -25,7 +25,7 @@ from lesionml.models import LesionNet, build_model
 from lesionml.preprocessing import PreprocessingSpec
 from training_image.checkpoints import Checkpoints
 from training_image.config import Cluster, Config, Paths
-from training_image.data import Data, EvalImages, TrainImages, class_counts, load_data
+from training_image.data import Data, EvalImages, TrainImages, class_counts, load_data, median_crop_size
 
 # benchmarks/training/throughput.py times the project's own loop through these names.
 from training_image.data import ShardedSampler as _ShardedSampler  # noqa: F401
@@ -42,7 +42,12 @@ def _build(cfg: Config, data: Data) -> tuple[LesionNet, PreprocessingSpec]:
     height, width = cfg.image_size
     model, info = build_model(cfg.arch, len(data.classes), cfg.pretrained, (height, width), cfg.dropout)
     log.info("model %s: %s weights, embedding %d", cfg.arch, info.weights, info.embedding_dim)
-    return model, PreprocessingSpec(arch=cfg.arch, height=height, width=width, mean=info.mean, std=info.std)
+    detail_h, detail_w = median_crop_size(data.train, height, width) if cfg.detail_size == (-1, -1) else cfg.detail_size
+    log.info("detail cap %s, colour constancy %s", f"{detail_w}x{detail_h}" if detail_w else "none",
+             cfg.color_constancy)
+    return model, PreprocessingSpec(arch=cfg.arch, height=height, width=width, mean=info.mean, std=info.std,
+                                    detail_width=detail_w, detail_height=detail_h,
+                                    color_constancy=cfg.color_constancy)
 
 
 def _images(
@@ -51,7 +56,7 @@ def _images(
     """Decoded images of the three splits (the training ones cached in memory when they fit)."""
     t0 = time.time()
     cache = "false" if cfg.dry_run else cfg.cache_images
-    train_images = TrainImages(data.train, spec.height, spec.width, cache, threads)
+    train_images = TrainImages(data.train, spec, cache, threads)
     val_images = EvalImages(data.validation, spec, threads)
     test_images = EvalImages(data.test, spec, threads)
     log.info("images loaded in %.1fs (training cache %s)", time.time() - t0,

@@ -84,7 +84,7 @@ def run_project(samples: Sequence[Sample], args: argparse.Namespace, amp: str) -
     device = torch.device("cpu")
     model, info = build_model(cfg.arch, 7, True, (height, width))
     spec = PreprocessingSpec(arch=cfg.arch, height=height, width=width, mean=info.mean, std=info.std)
-    images = TrainImages(samples, height, width, cfg.cache_images, torch.get_num_threads())
+    images = TrainImages(samples, spec, cfg.cache_images, torch.get_num_threads())
     dataset = TrainDataset(images, spec, cfg.seed, cfg.min_crop_scale)
     sampler = _ShardedSampler(len(dataset), None, cfg.seed, 0, 1)
     loader = _loader(dataset, cfg.batch_size, sampler, args.workers, device, drop_last=True)

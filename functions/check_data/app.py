@@ -36,6 +36,7 @@ from lesion_common.labels import classes_for
 from lesion_common.manifest import DUPLICATE, VALIDATED, count_since, items_with_status
 from lesion_common.parsing import parse_event
 from lesion_common.s3_stream import S3Writer
+from lesion_common.splits import DATASET_COLUMNS
 from lesion_common.uploads import VALIDATED_PREFIX, path_under_validated
 
 logger = Logger()
@@ -64,7 +65,7 @@ SPLITS = ("train", "validation", "test")
 RECONCILE_AFTER = timedelta(days=7)
 # What the dataset needs of a VALIDATED item: a third of the item in memory. Every name is aliased: ``key`` and
 # ``split`` are reserved words, and so may be names added later.
-VALIDATED_ATTRIBUTES = ("image_id", "label", "lesion_id", "split", "sha256", "key", "validated_at")
+VALIDATED_ATTRIBUTES = ("image_id", "label", "lesion_id", "split", "sha256", "key", "validated_at", "source")
 
 
 class Trigger(BaseModel):
@@ -275,12 +276,13 @@ def write_dataset(client: Any, rows: list[dict[str, Any]], classes: list[str], p
     ordered = sorted(rows, key=lambda r: r["image_id"])
     for split in SPLITS:
         with S3Writer(client, ARTIFACTS_BUCKET, f"{prefix}{split}.csv") as out:
-            out.write("image_id,path,label,lesion_id\n")
+            out.write(",".join(DATASET_COLUMNS) + "\n")
             for r in ordered:
                 if r.get("split") == split:
                     buf = io.StringIO()
                     csv.writer(buf, lineterminator="\n").writerow(
-                        [r["image_id"], path_under_validated(r["key"]), r["label"], r["lesion_id"]])
+                        [r["image_id"], path_under_validated(r["key"]), r["label"], r["lesion_id"],
+                         r.get("source") or ""])
                     out.write(buf.getvalue())
     client.put_object(
         Bucket=ARTIFACTS_BUCKET,

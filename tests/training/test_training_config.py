@@ -62,7 +62,7 @@ def test_sagemaker_quirks_are_accepted() -> None:
         ({"imbalance": "logit_adjusted"}, "imbalance='logit_adjusted' is invalid"),
         ({"class_bias": "search"}, "class_bias='search' is invalid: expected one of validation, none"),
         ({"ema_decay": "1"}, "ema_decay='1' is invalid: must be in [0, 1)"),
-        ({"learning_rate": "0.1"}, "unknown hyperparameter 'learning_rate'; known: amp, arch"),
+        ({"learning_rate": "0.1"}, "unknown hyperparameter 'learning_rate'; known: acquisition_aug, amp, arch"),
     ],
 )
 def test_bad_values_name_the_hyperparameter(hps: dict[str, str], message: str) -> None:

@@ -103,6 +103,26 @@ def test_model_directory_follows_the_contract(full_job: tuple[Path, Any, Path]) 
         assert (model_dir / "evaluation" / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_melanoma_threshold_holds_under_the_acquisition_shifts(full_job: tuple[Path, Any, Path]) -> None:
+    # Issue 20: threshold_policy=shifted (the default) lowers the clean choice until the shifted validation
+    # melanomas are caught as often as the clean ones, above the specificity floor.
+    from lesionml.acquisition import SHIFTS
+
+    metrics = json.loads((full_job[0] / "model" / "metrics.json").read_text())
+    choice = metrics["melanoma_threshold_choice"]
+    assert choice["policy"] == "shifted" and choice["shifts"] == list(SHIFTS)
+    chosen = choice["tradeoff"]["chosen"]
+    assert metrics["melanoma_threshold"] == chosen["threshold"] <= choice["validation_threshold"]
+    assert {f"{s}_sensitivity" for s in SHIFTS} <= chosen.keys()
+    at_floor = chosen["threshold"] == pytest.approx(choice["floor_threshold"])
+    held = all(chosen[f"{s}_sensitivity"] >= choice["clean_validation_sensitivity"] for s in SHIFTS)
+    assert held or at_floor or chosen["threshold"] == choice["validation_threshold"]
+    assert metrics["baseline"]["melanoma_threshold"] <= 1.0
+    spec = read_spec(full_job[0] / "model" / "preprocessing.json")
+    assert spec.version == 2 and spec.color_constancy == "shades_of_gray"
+    assert (spec.detail_width, spec.detail_height) == (200, 150)  # the bundled images' size (detail_size=auto)
+
+
 def test_output_data_dir_gets_metrics_and_report(full_job: tuple[Path, Any, Path]) -> None:
     base, _, out = full_job
     assert json.loads((out / "metrics.json").read_text()) == json.loads((base / "model" / "metrics.json").read_text())

@@ -204,3 +204,17 @@ def test_uploads_to_dataset(aws: None, monkeypatch: pytest.MonkeyPatch) -> None:
         assert path in manifest and f"validated/{path}" == out_x["validated_key"]
         assert "/" not in path, "the images channel stays flat"
         s3.head_object(Bucket="data", Key=f"validated/{path}")
+
+
+def test_each_row_names_its_source(aws: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue 20: several archives in one dataset; the training job reports each source's figures from this column.
+    lesion, = _lesions_in("test", 1, "S")
+    items = [{**_item("ISIC_S1", lesion, "mel", "a1" * 32), "source": "isic_archive"}, *_background()]
+    _put(items)
+    app = load_handler("check_data", CHECK_ENV, monkeypatch)
+    assert _check(app)["enough"] is True
+    splits, _ = _dataset()
+    rows = {row["image_id"]: row for rows in splits.values() for row in rows}
+    assert rows["ISIC_S1"]["source"] == "isic_archive"
+    assert rows[items[1]["image_id"]]["source"] == ""  # an item written before sources were recorded
+    assert list(rows["ISIC_S1"]) == ["image_id", "path", "label", "lesion_id", "source"]

@@ -14,6 +14,10 @@ SPLITS: Final[tuple[Split, ...]] = ("train", "validation", "test")
 # Percent of lesions per split, in SPLITS order.
 SPLIT_PERCENT: Final[tuple[int, int, int]] = (70, 15, 15)
 _BUCKETS: Final = 10_000
+# A training dataset's ``<split>.csv`` columns (docs/contracts.md, "Training dataset"): check_data writes them, the
+# training job reads them. ``source`` is the dataset an image came from (the first folder under ``incoming/``), so
+# that the job can report each source's figures; a file without it still reads.
+DATASET_COLUMNS: Final[tuple[str, ...]] = ("image_id", "path", "label", "lesion_id", "source")
 
 
 def assign_split(lesion_id: str) -> Split:
