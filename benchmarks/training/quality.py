@@ -76,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="folder with HAM10000_metadata.csv and images/")
     p.add_argument("--work", type=Path, default=Path("/tmp/ham-quality"))
     p.add_argument("--second-source", type=Path, help="folder with labels.csv and images/ to train on as well")
+    p.add_argument("--only", metavar="SOURCE",
+                   help="train and test on this source alone (e.g. isic_archive, to score each source's model on "
+                        "the other with benchmarks.training.shifts)")
     p.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE", help="override a hyperparameter")
     args = p.parse_args(argv)
     metadata, images = args.data / "HAM10000_metadata.csv", args.data / "images"
@@ -83,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"{args.data} must hold HAM10000_metadata.csv and images/")
     hps = {**CPU_HPS, **dict(h.split("=", 1) for h in args.hp)}
     splits, folders = job_splits(args.data, args.second_source)
+    if args.only:
+        if args.only not in folders:
+            p.error(f"--only {args.only}: the sources are {', '.join(folders)}")
+        splits = {k: [r for r in v if r.get("source") == args.only] for k, v in splits.items()}
     job = args.work / "job"
     make_job_dir(job, splits, folders if args.second_source else images, hps)
     print(" ".join(f"{k}={len(v)}" for k, v in splits.items()), "images; hyperparameters", hps, flush=True)
@@ -102,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = json.loads((job / "model" / "metrics.json").read_text())
     test = metrics["test"]
     by_source = metrics.get("test_by_source")
-    if by_source:  # the targets are HAM10000's
+    if by_source and "ham10000" in by_source:  # the targets are HAM10000's
         test = by_source["ham10000"]
     result = {
         "wall_seconds": round(wall, 1),
