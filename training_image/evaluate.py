@@ -232,8 +232,8 @@ def evaluate_baseline(
         out[name] = predict(fn, loader, rt.device, False, None, False, 1 if cfg.dry_run else 0)
     mel = melanoma_index(label_set)
     decision = _choose(cfg, out["validation"], mel, recorded_offsets(root / "metrics.json", classes))
-    # The same threshold policy as the new model's, so that the gate compares like with like.
-    val_images = val_images if val_images.same_geometry(spec) else EvalImages(val_images.samples, spec, threads)
+    # The same threshold policy as the new model's, so that the gate compares like with like (only the samples are
+    # read: the shifted copies are decoded afresh under the baseline's own spec).
     choice = robust_threshold(cfg, fn, decision, out["validation"], val_images, spec, mel, rt, workers,
                               eval_batch_size(cfg, rt.device))
     threshold = choice.threshold if choice else decision.melanoma_threshold
