@@ -28,6 +28,7 @@ from uvicorn_worker import UvicornWorker
 
 from inference_image.protocol import ServingHttpProtocol
 from inference_image.settings import Settings
+from lesionml.allocator import keep_freed_memory
 
 _settings = Settings.from_env()
 ServingHttpProtocol.read_timeout = _settings.request_read_timeout
@@ -84,6 +85,7 @@ control_socket_disable = True  # gunicorn's runtime-control socket is not needed
 def post_fork(server: Any, worker: Any) -> None:
     """Number the worker (a GPU worker takes GPU ``index % gpus``); ``age`` counts spawns, replacements included."""
     os.environ["SERVING_WORKER_INDEX"] = str((worker.age - 1) % max(_settings.workers, 1))
+    keep_freed_memory()
 
 
 def when_ready(server: Any) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lesionml.allocator import keep_freed_memory
 from training_image.config import Cluster, Config
 
 log = logging.getLogger("train")
@@ -123,6 +124,7 @@ def seed_everything(seed: int) -> None:
 def start(cfg: Config, cluster: Cluster) -> Runtime:
     """Set the process up for training: placement, seeds (one stream per rank), cuDNN autotuning, quiet ranks."""
     rt = setup_runtime(cfg, cluster)
+    keep_freed_memory()  # before the loader's workers fork, so that they inherit it
     if not rt.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     seed_everything(cfg.seed + rt.rank)

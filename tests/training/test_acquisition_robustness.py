@@ -31,6 +31,7 @@ from lesionml.preprocessing import (
     preprocess,
     read_spec,
     reduce_to_detail,
+    shades_of_gray,
     write_spec,
 )
 from training_image.data import EvalImages, Sample, TrainImages, median_crop_size, read_manifest
@@ -84,6 +85,30 @@ def test_shades_of_gray_undoes_a_colour_cast(lesion: Image.Image) -> None:
     assert with_cc < 0.25 * without, (with_cc, without)
     grey = Image.new("RGB", (256, 192), (120, 120, 120))
     assert np.allclose(preprocess(grey, sog), preprocess(grey, plain), atol=1e-5)  # grey light: untouched
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0, 5.0, 6.0, 2.5])
+def test_shades_of_gray_fast_power_is_the_minkowski_mean(power: float) -> None:
+    rng = np.random.default_rng(0)
+    planes = (rng.uniform(0, 255, (3, 4096)) * np.array([[1.0], [0.8], [0.6]])).astype(np.float32)
+    x = planes.astype(np.float64) / 255.0
+    illuminant = np.power(np.mean(np.power(x, power), axis=1), 1.0 / power)
+    expected = np.clip(planes * (illuminant.mean() / illuminant)[:, None], 0, 255)
+    np.testing.assert_allclose(shades_of_gray(planes.copy(), power), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_allocator_setting_applies_on_glibc_and_is_skipped_without_a_c_library(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ctypes.util
+    import platform
+
+    from lesionml import allocator
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert allocator.keep_freed_memory() is True
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert allocator.keep_freed_memory() is False
 
 
 @pytest.mark.parametrize("size", [(256, 192), (600, 450), (512, 512), (120, 90)])
