@@ -7,6 +7,9 @@ model directory's ``model.ts``, with the threshold and decision offsets its ``me
 shift: macro AUC, melanoma AUC, melanoma sensitivity and specificity at the exported threshold, balanced accuracy.
 
 Target on every shift: melanoma sensitivity within 0.05 of the clean figure and melanoma AUC within 0.03.
+With a few dozen melanomas per set, one melanoma moves sensitivity by about 0.02, so each drop also gets a 95 %
+paired bootstrap interval (the same resampled images clean and shifted; melanomas and others resampled
+separately, as the set was drawn). A shift is *clearly missed* when the whole interval lies beyond the tolerance.
 
     python -m benchmarks.training.shifts --model before=/tmp/rob-A/job/model --model after=/tmp/rob-B/job/model \\
         --data ../shared/data/ham10000 --second-source ../shared/data/isic_archive --others 300 \\
@@ -45,6 +48,7 @@ from lesionml.preprocessing import read_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = {"melanoma_sensitivity": 0.05, "melanoma_auc": 0.03}
+BOOTSTRAP = 1000
 MAX_PIXELS = 100_000_000
 
 
@@ -108,29 +112,71 @@ def figures(model: Model, labels: np.ndarray, probs: np.ndarray) -> dict[str, fl
             "melanoma_sensitivity": sens, "melanoma_specificity": spec, "balanced_accuracy": balanced_accuracy(cm)}
 
 
-def run_set(models: dict[str, Model], items: list[tuple[Path, str]], shifts: dict[str, Shift]) -> dict[str, Any]:
-    """Every model's figures on one set, clean and under each shift (each picture shifted once for all models)."""
+def run_set(
+    models: dict[str, Model], items: list[tuple[Path, str]], shifts: dict[str, Shift],
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], np.ndarray]:
+    """Every model's figures on one set, clean and under each shift (each picture shifted once for all models).
+
+    Also returns each model's melanoma probabilities per shift and the labels, for :func:`drop_intervals`.
+    """
     first = next(iter(models.values()))
     index = class_index(first.label_set)
     labels = np.array([index[label] for _, label in items])
     originals = [Image.open(f).convert("RGB") for f, _ in items]
     out: dict[str, Any] = {name: {} for name in models}
+    mel_probs: dict[str, dict[str, np.ndarray]] = {name: {} for name in models}
     for shift_name, shift in {"clean": lambda im: im, **shifts}.items():
         t0 = time.time()
         pictures = [encoded(shift(im)) for im in originals]
         for name, model in models.items():
-            out[name][shift_name] = figures(model, labels, model.probabilities(pictures))
+            probs = model.probabilities(pictures)
+            out[name][shift_name] = figures(model, labels, probs)
+            mel_probs[name][shift_name] = probs[:, melanoma_index(model.label_set)]
         print(f"  {shift_name}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    return out, mel_probs, labels == melanoma_index(first.label_set)
+
+
+def drop_intervals(
+    is_mel: np.ndarray, mel_probs: dict[str, np.ndarray], threshold: float, n: int = BOOTSTRAP, seed: int = 0,
+) -> dict[str, dict[str, list[float]]]:
+    """95 % paired bootstrap intervals of each shift's drop (clean minus shifted) in melanoma sensitivity and AUC."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(is_mel), np.flatnonzero(~is_mel)
+    draws = [np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)] for _ in range(n)]
+    clean = mel_probs["clean"]
+    out = {}
+    for shift_name, shifted in mel_probs.items():
+        if shift_name == "clean":
+            continue
+        sens, auc = np.empty(n), np.empty(n)
+        for i, idx in enumerate(draws):
+            y = is_mel[idx]
+            sens[i] = np.mean(clean[idx][y] >= threshold) - np.mean(shifted[idx][y] >= threshold)
+            auc[i] = roc_auc(y, clean[idx]) - roc_auc(y, shifted[idx])
+        out[shift_name] = {"melanoma_sensitivity": [round(float(v), 4) for v in np.percentile(sens, [2.5, 97.5])],
+                           "melanoma_auc": [round(float(v), 4) for v in np.percentile(auc, [2.5, 97.5])]}
     return out
 
 
-def verdict(per_shift: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """Whether every shift holds melanoma sensitivity and AUC within :data:`TOLERANCE` of the clean figures."""
+def verdict(per_shift: dict[str, dict[str, float]],
+            intervals: dict[str, dict[str, list[float]]] | None = None) -> dict[str, Any]:
+    """Whether every shift holds melanoma sensitivity and AUC within :data:`TOLERANCE` of the clean figures.
+
+    With ``intervals``, also which shifts miss it beyond doubt (the interval's low end past the tolerance) and which
+    meet it beyond doubt (its high end within).
+    """
     clean = per_shift["clean"]
     drops = {s: {k: round(clean[k] - f[k], 4) for k in TOLERANCE} for s, f in per_shift.items() if s != "clean"}
     failing = sorted(s for s, d in drops.items() if any(d[k] > TOLERANCE[k] for k in TOLERANCE))
     worst = {k: max(d[k] for d in drops.values()) for k in TOLERANCE} if drops else {}
-    return {"met": not failing, "failing_shifts": failing, "worst_drop": worst}
+    out: dict[str, Any] = {"met": not failing, "failing_shifts": failing, "worst_drop": worst}
+    if intervals is not None:
+        out["clearly_missed"] = sorted(s for s, iv in intervals.items()
+                                       if any(iv[k][0] > TOLERANCE[k] for k in TOLERANCE))
+        out["clearly_met"] = sorted(s for s, iv in intervals.items()
+                                    if all(iv[k][1] <= TOLERANCE[k] for k in TOLERANCE))
+        out["drop_interval_95"] = intervals
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,20 +208,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     for set_name, rows in sets.items():
         items = test_set(rows, folders, args.others)
         print(f"{set_name}: {len(items)} images", file=sys.stderr, flush=True)
-        per_model = run_set(models, items, shifts)
-        result["sets"][set_name] = {"n": len(items), "n_melanoma": sum(label == "mel" for _, label in items),
-                                    **{n: {"figures": f, "verdict": verdict(f)} for n, f in per_model.items()}}
+        per_model, mel_probs, is_mel = run_set(models, items, shifts)
+        result["sets"][set_name] = {
+            "n": len(items), "n_melanoma": int(is_mel.sum()),
+            **{n: {"figures": f, "verdict": verdict(f, drop_intervals(is_mel, mel_probs[n], models[n].threshold))}
+               for n, f in per_model.items()},
+        }
     text = json.dumps(result, indent=2, default=float)
     if args.out:
         args.out.write_text(text + "\n")
     for set_name, block in result["sets"].items():
         for name in models:
             f = block[name]["figures"]
-            print(f"\n{set_name} / {name}: " + ("met" if block[name]["verdict"]["met"] else "NOT met"))
-            print(f"{'shift':20} {'macro AUC':>9} {'mel AUC':>8} {'mel sens':>8} {'mel spec':>8} {'bal acc':>8}")
-            for shift_name, v in f.items():
-                print(f"{shift_name:20} {v['macro_auc']:9.3f} {v['melanoma_auc']:8.3f} {v['melanoma_sensitivity']:8.3f}"
-                      f" {v['melanoma_specificity']:8.3f} {v['balanced_accuracy']:8.3f}")
+            v = block[name]["verdict"]
+            print(f"\n{set_name} / {name}: " + ("met" if v["met"] else "NOT met")
+                  + f"; clearly missed: {', '.join(v['clearly_missed']) or 'none'}")
+            print(f"{'shift':20} {'macro AUC':>9} {'mel AUC':>8} {'mel sens':>8} {'mel spec':>8} {'bal acc':>8}"
+                  f"  {'sens drop 95%':>16} {'AUC drop 95%':>16}")
+            for shift_name, fig in f.items():
+                iv = v["drop_interval_95"].get(shift_name)
+                spans = (f"  [{iv['melanoma_sensitivity'][0]:6.3f},{iv['melanoma_sensitivity'][1]:6.3f}]"
+                         f"  [{iv['melanoma_auc'][0]:6.3f},{iv['melanoma_auc'][1]:6.3f}]") if iv else ""
+                print(f"{shift_name:20} {fig['macro_auc']:9.3f} {fig['melanoma_auc']:8.3f}"
+                      f" {fig['melanoma_sensitivity']:8.3f} {fig['melanoma_specificity']:8.3f}"
+                      f" {fig['balanced_accuracy']:8.3f}{spans}")
     last = list(models)[-1]
     return 0 if all(block[last]["verdict"]["met"] for block in result["sets"].values()) else 1
 

@@ -18,6 +18,7 @@ from lesionml.acquisition import (
     SEVERITIES,
     SHIFTS,
     colour_cast,
+    gamma,
     random_acquisition,
     random_squash,
     sharper_camera,
@@ -87,6 +88,17 @@ def test_shades_of_gray_undoes_a_colour_cast(lesion: Image.Image) -> None:
     assert np.allclose(preprocess(grey, sog), preprocess(grey, plain), atol=1e-5)  # grey light: untouched
 
 
+def test_median_gamma_undoes_another_tone_curve(lesion: Image.Image) -> None:
+    toned, plain = _spec(tone="median_gamma", color_constancy="shades_of_gray"), _spec(color_constancy="shades_of_gray")
+    for g in (0.7, 1.4):
+        shifted = gamma(lesion, g)
+        with_tone = _gap(preprocess(shifted, toned), preprocess(lesion, toned))
+        without = _gap(preprocess(shifted, plain), preprocess(lesion, plain))
+        assert with_tone < 0.15 * without, (g, with_tone, without)
+    black = Image.new("RGB", (256, 192), (0, 0, 0))
+    assert np.allclose(preprocess(black, toned), preprocess(black, plain))  # nothing to measure: left alone
+
+
 @pytest.mark.parametrize("power", [1.0, 2.0, 5.0, 6.0, 2.5])
 def test_shades_of_gray_fast_power_is_the_minkowski_mean(power: float) -> None:
     rng = np.random.default_rng(0)
@@ -111,9 +123,10 @@ def test_allocator_setting_applies_on_glibc_and_is_skipped_without_a_c_library(
     assert allocator.keep_freed_memory() is False
 
 
+@pytest.mark.parametrize("tone", ["none", "median_gamma"])
 @pytest.mark.parametrize("size", [(256, 192), (600, 450), (512, 512), (120, 90)])
-def test_serving_computes_the_training_transform(lesion: Image.Image, size: tuple[int, int]) -> None:
-    spec = _spec(detail_width=200, detail_height=150, color_constancy="shades_of_gray")
+def test_serving_computes_the_training_transform(lesion: Image.Image, size: tuple[int, int], tone: str) -> None:
+    spec = _spec(detail_width=200, detail_height=150, color_constancy="shades_of_gray", tone=tone)
     img = lesion.resize(size, Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     img.save(buf, "PNG")
@@ -229,3 +242,27 @@ def test_shifted_validation_images_are_the_shifted_pictures(tmp_path: Path, lesi
     warm = EvalImages(samples, spec, 1, shift=SHIFTS["cast_warm"])
     assert warm.pixels[0][..., 0].mean() > plain.pixels[0][..., 0].mean() + 3  # redder
     assert warm.pixels[0][..., 2].mean() < plain.pixels[0][..., 2].mean() - 3  # less blue
+
+
+def test_shift_benchmark_tells_a_clear_miss_from_noise() -> None:
+    from benchmarks.training.shifts import drop_intervals, verdict
+
+    rng = np.random.default_rng(1)
+    is_mel = np.r_[np.ones(50, bool), np.zeros(200, bool)]
+    clean = np.where(is_mel, rng.uniform(0.3, 1.0, 250), rng.uniform(0.0, 0.5, 250))
+    collapsed = clean * 0.2  # every melanoma falls under the threshold
+    one_lost = clean.copy()
+    one_lost[0] = 0.0  # one melanoma in 50: 0.02 of sensitivity
+    probs = {"clean": clean, "same": clean.copy(), "collapsed": collapsed, "one_lost": one_lost}
+    iv = drop_intervals(is_mel, probs, 0.25, n=300)
+    assert iv["collapsed"]["melanoma_sensitivity"][0] > 0.9
+    assert iv["same"] == {"melanoma_sensitivity": [0.0, 0.0], "melanoma_auc": [0.0, 0.0]}
+    # One melanoma in 50 is 0.02; resampled, it can weigh 0.06 or more: not a clear miss, not a clear pass.
+    assert iv["one_lost"]["melanoma_sensitivity"][0] == 0.0 < 0.05 < iv["one_lost"]["melanoma_sensitivity"][1]
+    figs = {"clean": {"melanoma_sensitivity": 1.0, "melanoma_auc": 0.9},
+            "same": {"melanoma_sensitivity": 1.0, "melanoma_auc": 0.9},
+            "collapsed": {"melanoma_sensitivity": 0.0, "melanoma_auc": 0.9},
+            "one_lost": {"melanoma_sensitivity": 0.98, "melanoma_auc": 0.9}}
+    v = verdict(figs, iv)
+    assert (v["met"], v["failing_shifts"], v["clearly_missed"], v["clearly_met"]) == (
+        False, ["collapsed"], ["collapsed"], ["same"])
