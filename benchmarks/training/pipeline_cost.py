@@ -36,7 +36,7 @@ def _pipelines(samples: list[Sample]) -> dict[str, TrainDataset]:
     height, width = cfg.image_size
     base = {"arch": cfg.arch, "height": height, "width": width, "mean": (0.498,) * 3, "std": (0.502,) * 3}
     before = PreprocessingSpec(**base)  # type: ignore[arg-type]
-    after = PreprocessingSpec(**base, color_constancy=cfg.color_constancy, tone=cfg.tone)  # type: ignore[arg-type]
+    after = PreprocessingSpec(**base, color_constancy=cfg.color_constancy)  # type: ignore[arg-type]
     out = {}
     for name, spec, acquisition in (("before", before, 0.0), ("deployed", after, cfg.acquisition_aug)):
         out[name] = TrainDataset(TrainImages(samples, spec, "true", 1), spec, cfg.seed, cfg.min_crop_scale,

@@ -180,13 +180,16 @@ def verdict(per_shift: dict[str, dict[str, float]],
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Score each ``--model`` on the test splits under every shift; exit 0 when the last model meets the target."""
+    """Score each ``--model`` on the test (or validation) splits under every shift; exit 0 when the last model
+    meets the target."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, metavar="NAME=DIR", help="a model directory")
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "ham10000")
     p.add_argument("--second-source", type=Path, default=ROOT.parent / "shared" / "data" / "isic_archive")
     p.add_argument("--others", type=int, default=0,
                    help="non-melanoma images drawn per set, beside every melanoma (0: the whole split)")
+    p.add_argument("--split", choices=("test", "validation"), default="test",
+                   help="validation: to choose between models or settings without looking at the test split")
     p.add_argument("--shift", action="append", choices=sorted(SHIFTS), help="only these shifts (repeatable)")
     p.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = p.parse_args(argv)
@@ -198,13 +201,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         models[name] = Model(Path(folder))
     second = args.second_source if args.second_source and args.second_source.is_dir() else None
     splits, folders = job_splits(args.data, second)
-    sets = {"ham10000": [r for r in splits["test"] if r.get("source", "ham10000") == "ham10000"]}
+    rows_of = splits[args.split]
+    sets = {"ham10000": [r for r in rows_of if r.get("source", "ham10000") == "ham10000"]}
     if second is not None:
-        sets[second.name] = [r for r in splits["test"] if r.get("source") == second.name]
+        sets[second.name] = [r for r in rows_of if r.get("source") == second.name]
     shifts = {k: SHIFTS[k] for k in args.shift} if args.shift else SHIFTS
-    result: dict[str, Any] = {"others": args.others, "severities": {k: SEVERITIES[k] for k in shifts},
-                              "tolerance": TOLERANCE, "models": {n: {"threshold": m.threshold} for n, m in
-                                                                 models.items()}, "sets": {}}
+    result: dict[str, Any] = {
+        "split": args.split, "others": args.others, "severities": {k: SEVERITIES[k] for k in shifts},
+        "tolerance": TOLERANCE, "models": {n: {"threshold": m.threshold} for n, m in models.items()}, "sets": {},
+    }
     for set_name, rows in sets.items():
         items = test_set(rows, folders, args.others)
         print(f"{set_name}: {len(items)} images", file=sys.stderr, flush=True)

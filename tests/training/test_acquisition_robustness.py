@@ -18,7 +18,6 @@ from lesionml.acquisition import (
     SEVERITIES,
     SHIFTS,
     colour_cast,
-    gamma,
     random_acquisition,
     random_squash,
     sharper_camera,
@@ -88,17 +87,6 @@ def test_shades_of_gray_undoes_a_colour_cast(lesion: Image.Image) -> None:
     assert np.allclose(preprocess(grey, sog), preprocess(grey, plain), atol=1e-5)  # grey light: untouched
 
 
-def test_median_gamma_undoes_another_tone_curve(lesion: Image.Image) -> None:
-    toned, plain = _spec(tone="median_gamma", color_constancy="shades_of_gray"), _spec(color_constancy="shades_of_gray")
-    for g in (0.7, 1.4):
-        shifted = gamma(lesion, g)
-        with_tone = _gap(preprocess(shifted, toned), preprocess(lesion, toned))
-        without = _gap(preprocess(shifted, plain), preprocess(lesion, plain))
-        assert with_tone < 0.15 * without, (g, with_tone, without)
-    black = Image.new("RGB", (256, 192), (0, 0, 0))
-    assert np.allclose(preprocess(black, toned), preprocess(black, plain))  # nothing to measure: left alone
-
-
 @pytest.mark.parametrize("power", [1.0, 2.0, 5.0, 6.0, 2.5])
 def test_shades_of_gray_fast_power_is_the_minkowski_mean(power: float) -> None:
     rng = np.random.default_rng(0)
@@ -123,10 +111,9 @@ def test_allocator_setting_applies_on_glibc_and_is_skipped_without_a_c_library(
     assert allocator.keep_freed_memory() is False
 
 
-@pytest.mark.parametrize("tone", ["none", "median_gamma"])
 @pytest.mark.parametrize("size", [(256, 192), (600, 450), (512, 512), (120, 90)])
-def test_serving_computes_the_training_transform(lesion: Image.Image, size: tuple[int, int], tone: str) -> None:
-    spec = _spec(detail_width=200, detail_height=150, color_constancy="shades_of_gray", tone=tone)
+def test_serving_computes_the_training_transform(lesion: Image.Image, size: tuple[int, int]) -> None:
+    spec = _spec(detail_width=200, detail_height=150, color_constancy="shades_of_gray")
     img = lesion.resize(size, Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     img.save(buf, "PNG")
