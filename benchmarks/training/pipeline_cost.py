@@ -18,12 +18,14 @@ import os
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from benchmarks.training.quality import CPU_HPS
 from lesionml.allocator import keep_freed_memory
+from lesionml.archs import norm_mean_std
 from lesionml.preprocessing import PreprocessingSpec
 from training_image.config import build_config
 from training_image.data import Sample, TrainDataset, TrainImages
@@ -34,9 +36,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def _pipelines(samples: list[Sample]) -> dict[str, TrainDataset]:
     cfg = build_config(CPU_HPS)
     height, width = cfg.image_size
-    base = {"arch": cfg.arch, "height": height, "width": width, "mean": (0.498,) * 3, "std": (0.502,) * 3}
-    before = PreprocessingSpec(**base)  # type: ignore[arg-type]
-    after = PreprocessingSpec(**base, color_constancy=cfg.color_constancy)  # type: ignore[arg-type]
+    mean, std = norm_mean_std(cfg.arch)
+    before = PreprocessingSpec(arch=cfg.arch, height=height, width=width, mean=mean, std=std)
+    after = replace(before, color_constancy=cfg.color_constancy)
     out = {}
     for name, spec, acquisition in (("before", before, 0.0), ("deployed", after, cfg.acquisition_aug)):
         out[name] = TrainDataset(TrainImages(samples, spec, "true", 1), spec, cfg.seed, cfg.min_crop_scale,
@@ -66,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not paths:
         p.error(f"no .jpg images under {args.images}")
     applied = keep_freed_memory() if args.keep_freed_memory else False
-    pipelines = _pipelines([Sample(q.stem, q, 0, q.stem) for q in paths], )
+    pipelines = _pipelines([Sample(q.stem, q, 0, q.stem) for q in paths])
     for d in pipelines.values():
         _ms_per_image(d, 99)  # warm-up: caches filled, allocator settled
     runs: dict[str, list[float]] = {k: [] for k in pipelines}

@@ -143,6 +143,7 @@ def drop_intervals(
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(is_mel), np.flatnonzero(~is_mel)
     draws = [np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)] for _ in range(n)]
+    y = np.r_[np.ones(pos.size, bool), np.zeros(neg.size, bool)]  # every draw: melanomas first, then the others
     clean = mel_probs["clean"]
     out = {}
     for shift_name, shifted in mel_probs.items():
@@ -150,7 +151,6 @@ def drop_intervals(
             continue
         sens, auc = np.empty(n), np.empty(n)
         for i, idx in enumerate(draws):
-            y = is_mel[idx]
             sens[i] = np.mean(clean[idx][y] >= threshold) - np.mean(shifted[idx][y] >= threshold)
             auc[i] = roc_auc(y, clean[idx]) - roc_auc(y, shifted[idx])
         out[shift_name] = {"melanoma_sensitivity": [round(float(v), 4) for v in np.percentile(sens, [2.5, 97.5])],
