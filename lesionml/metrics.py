@@ -183,7 +183,8 @@ class RobustThreshold:
         The clean validation split's own choice (:func:`choose_threshold`), and the clean sensitivity it reaches,
         ``clean_sensitivity``: the level every shift is held to.
     floor_threshold : float
-        The lowest threshold keeping the clean validation specificity at the floor; the choice never goes below.
+        The lowest threshold keeping the clean validation specificity at the floor. The shift policy never lowers the
+        threshold below it; a clean choice already below it stands (sensitivity first), and ``below_floor`` says so.
     tradeoff : dict
         Clean sensitivity and specificity, and each shift's sensitivity, at both thresholds.
     """
@@ -194,6 +195,12 @@ class RobustThreshold:
     floor_threshold: float
     specificity_floor: float
     tradeoff: dict[str, dict[str, float]]
+
+    @property
+    def below_floor(self) -> bool:
+        """Whether the chosen threshold's clean validation specificity is under the floor: the clean choice was
+        already there, and raising it would give up sensitivity the validation split showed."""
+        return self.threshold < self.floor_threshold
 
 
 def choose_robust_threshold(

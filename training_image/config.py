@@ -286,7 +286,8 @@ class Config:
         "caught as often as the clean ones, but never below melanoma_specificity_floor on clean validation",
     )
     melanoma_specificity_floor: float = _hp(
-        FLOAT, "0.7", "threshold_policy=shifted: the lowest clean validation specificity the threshold may reach",
+        FLOAT, "0.7", "threshold_policy=shifted: the lowest clean validation specificity the shift policy may lower "
+        "the threshold to (a clean choice already below it stands, and metrics.json says below_floor)",
         lambda v: 0 <= v < 1, "must be in [0, 1)",
     )
     class_bias: str = _hp(

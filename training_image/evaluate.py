@@ -147,6 +147,10 @@ def robust_threshold(
     log.info("melanoma threshold %.4f (clean validation's %.4f, specificity floor at %.4f): %s", choice.threshold,
              choice.validation_threshold, choice.floor_threshold,
              {k: round(v, 3) for k, v in choice.tradeoff.get("chosen", {}).items()})
+    if choice.below_floor:
+        log.warning("the clean validation threshold %.4f already has a specificity under the floor %.2f; it stands "
+                    "(sensitivity first): set melanoma_target_sensitivity to choose another", choice.threshold,
+                    choice.specificity_floor)
     return choice
 
 
@@ -169,7 +173,8 @@ def _threshold_block(choice: RobustThreshold | None, cfg: Config) -> dict[str, A
     return {
         "policy": cfg.threshold_policy, "validation_threshold": choice.validation_threshold,
         "clean_validation_sensitivity": choice.clean_sensitivity, "specificity_floor": choice.specificity_floor,
-        "floor_threshold": choice.floor_threshold, "shifts": list(SHIFTS), "tradeoff": choice.tradeoff,
+        "floor_threshold": choice.floor_threshold, "below_floor": choice.below_floor, "shifts": list(SHIFTS),
+        "tradeoff": choice.tradeoff,
     }
 
 

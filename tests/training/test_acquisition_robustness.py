@@ -180,6 +180,11 @@ def test_robust_threshold_holds_sensitivity_under_shift_above_the_floor() -> Non
     high_floor = choose_robust_threshold(y, scores, shifted, 0.6, specificity_floor=0.8)
     assert 0.3 < high_floor.threshold <= 0.6
     assert high_floor.tradeoff["chosen"]["clean_specificity"] >= 0.8
+    assert not low_floor.below_floor and not high_floor.below_floor
+    # A clean choice already under the floor (0.3: specificity 0.5) is not raised to it: sensitivity first, flagged.
+    under = choose_robust_threshold(y, scores, shifted, 0.3, specificity_floor=0.8)
+    assert under.threshold == pytest.approx(0.3) and under.below_floor
+    assert under.tradeoff["chosen"]["clean_specificity"] == pytest.approx(0.5)
     assert highest_threshold_reaching(np.array([0.2, 0.9, 0.5]), 2 / 3) == 0.5
     assert lowest_threshold_keeping(np.array([0.1, 0.2, 0.3, 0.4]), 0.5) > 0.2
 

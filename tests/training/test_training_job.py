@@ -117,6 +117,7 @@ def test_the_melanoma_threshold_holds_under_the_acquisition_shifts(full_job: tup
     at_floor = chosen["threshold"] == pytest.approx(choice["floor_threshold"])
     held = all(chosen[f"{s}_sensitivity"] >= choice["clean_validation_sensitivity"] for s in SHIFTS)
     assert held or at_floor or chosen["threshold"] == choice["validation_threshold"]
+    assert choice["below_floor"] == (chosen["clean_specificity"] < choice["specificity_floor"])
     assert metrics["baseline"]["melanoma_threshold"] <= 1.0
     spec = read_spec(full_job[0] / "model" / "preprocessing.json")
     assert spec.version == 2 and spec.color_constancy == "shades_of_gray"
