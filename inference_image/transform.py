@@ -103,7 +103,7 @@ class ModelInputBuilder:
 
     def normalise(self, p: np.ndarray) -> np.ndarray:
         """``(3, H, W)`` uint8 planes to the normalised float32 model input."""
-        if self.spec.color_constancy != "none":  # lesionml's own last steps, colour constancy first
+        if self.spec.per_image:  # lesionml's own last steps: tone and colour constancy first
             return model_input(p.reshape(3, -1).astype(np.float32), p.shape[1], p.shape[2], self.spec)
         out = np.multiply(p, self.scale, dtype=np.float32)
         out += self.offset
@@ -119,7 +119,7 @@ class ModelInputBuilder:
         if full:  # already the model's size: no Pillow image needed at all
             p = planes_from_array(decoded.pixels)
             f = p.reshape(3, -1).astype(np.float32)
-            if spec.color_constancy != "none":
+            if spec.per_image:
                 return model_input(f.copy(), h, w, spec), (p, f)
             x = f.reshape(p.shape) * self.scale
             x += self.offset

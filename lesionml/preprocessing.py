@@ -2,11 +2,12 @@
 
 ``preprocessing.json`` (written next to ``model.ts``) holds a :class:`PreprocessingSpec`::
 
-    {"version": 2, "arch": "efficientnet_lite0", "height": 192, "width": 256,
+    {"version": 3, "arch": "efficientnet_lite0", "height": 192, "width": 256,
      "mean": [0.498, 0.498, 0.498], "std": [0.502, 0.502, 0.502],
      "resize": "center_crop_to_aspect", "interpolation": "bilinear",
      "color": "RGB", "exif_transpose": true, "layout": "NCHW", "dtype": "float32", "scale": 255.0,
-     "detail_width": 200, "detail_height": 150, "color_constancy": "shades_of_gray", "color_constancy_power": 6}
+     "detail_width": 200, "detail_height": 150, "color_constancy": "shades_of_gray", "color_constancy_power": 6,
+     "tone": "none", "tone_target": 0.5}
 
 The transform: decode, apply the EXIF orientation, convert to RGB; when the picture holds more detail than the
 training images did (its centred crop of the target aspect is larger than ``detail_width x detail_height``),
@@ -14,13 +15,16 @@ reduce it to that first (:func:`reduce_to_detail`: what a 600x450 original must 
 200x150 copies the model learnt from); crop the largest centred region with the target aspect ratio
 (``width / height``; HAM10000's 4:3 images are not cropped at all), resize it to ``width x height`` with bilinear
 filtering; with ``color_constancy: shades_of_gray``, divide each channel by its Minkowski ``p``-norm mean
-(:func:`shades_of_gray`: another illuminant or white balance is undone); scale to ``[0, 1]`` by dividing by
-``scale`` and normalise per channel ``(x - mean) / std``. The result is a float32 ``(3, height, width)`` array;
+(:func:`shades_of_gray`: another illuminant or white balance is undone); with ``tone: median_gamma``, then raise
+every value to the power that takes the median of each pixel's brightest channel to ``tone_target``
+(:func:`median_gamma`: another tone curve is undone; after the colour constancy, so that a cast does not move the
+brightest channel it measures); scale to ``[0, 1]`` by dividing by ``scale`` and normalise per channel
+``(x - mean) / std``. The result is a float32 ``(3, height, width)`` array;
 stack arrays for a batch.
 
-Training applies the same detail cap to its images before augmenting them, and the same colour constancy after,
+Training applies the same detail cap to its images before augmenting them, and the same colour constancy and tone after,
 so that an image reaches the network through one path whichever side of the model it is on. A version-1 file (no
-detail cap, no colour constancy) still reads, and means what it meant.
+detail cap, no colour constancy) and a version-2 file (no tone normalisation) still read, and mean what they meant.
 
 Only numpy and Pillow are needed, so the inference image can use it without torchvision.
 """
@@ -36,9 +40,13 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageOps
 
-SPEC_VERSION = 2
+SPEC_VERSION = 3
 RESIZE_POLICIES = ("center_crop_to_aspect", "stretch")
 COLOR_CONSTANCY = ("none", "shades_of_gray")
+TONE = ("none", "median_gamma")
+# A median this close to black or white says little about the tone curve; the exponent is bounded for the same reason.
+_TONE_MEDIAN_RANGE = (0.02, 0.98)
+_TONE_EXPONENT_RANGE = (1 / 3, 3.0)
 _INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 ImageSource = str | Path | bytes | IO[bytes] | Image.Image
@@ -65,6 +73,8 @@ class PreprocessingSpec:
     detail_height: int = 0
     color_constancy: str = "none"
     color_constancy_power: float = 6.0
+    tone: str = "none"
+    tone_target: float = 0.5
     version: int = field(default=SPEC_VERSION)
 
     def __post_init__(self) -> None:
@@ -72,6 +82,10 @@ class PreprocessingSpec:
             raise ValueError(f"preprocessing version {self.version} is newer than this code reads ({SPEC_VERSION})")
         if self.color_constancy not in COLOR_CONSTANCY:
             raise ValueError(f"unknown color_constancy {self.color_constancy!r}")
+        if self.tone not in TONE:
+            raise ValueError(f"unknown tone {self.tone!r}")
+        if not 0 < self.tone_target < 1:
+            raise ValueError("tone_target must be in (0, 1)")
         if self.detail_width < 0 or self.detail_height < 0:
             raise ValueError("detail_width and detail_height must be >= 0")
         if self.resize not in RESIZE_POLICIES:
@@ -80,6 +94,12 @@ class PreprocessingSpec:
             raise ValueError(f"unknown interpolation {self.interpolation!r}")
         if self.height <= 0 or self.width <= 0:
             raise ValueError("height and width must be positive")
+
+    @property
+    def per_image(self) -> bool:
+        """Whether the input depends on the whole picture's statistics (tone or colour constancy), not on each
+        pixel alone."""
+        return self.color_constancy != "none" or self.tone != "none"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -197,6 +217,29 @@ def _power(x: np.ndarray, power: float) -> np.ndarray:
         base = base * base
 
 
+def median_gamma(planes: np.ndarray, target: float) -> np.ndarray:
+    """Tone normalisation on ``(3, N)`` float32 values in 0-255, in place: the power ``e`` that takes the median of
+    each pixel's brightest channel to ``target`` (of full scale), applied to every channel as ``255 (v/255)^e``.
+
+    Another camera's tone curve (gamma) is undone: a power law applied to all channels is one applied to their
+    per-pixel maximum, whose median it moves by the same power (exactly so on its own; after Shades of Gray, whose
+    gains a gamma also moves a little, nearly). Black stays black.
+    """
+    brightest = planes.max(axis=0)
+    k = brightest.size // 2
+    median = float(np.partition(brightest, k)[k]) / 255.0
+    median = min(max(median, _TONE_MEDIAN_RANGE[0]), _TONE_MEDIAN_RANGE[1])
+    e = min(max(np.log(target) / np.log(median), _TONE_EXPONENT_RANGE[0]), _TONE_EXPONENT_RANGE[1])
+    if abs(e - 1.0) < 1e-4:
+        return planes
+    with np.errstate(divide="ignore"):
+        np.log(planes * np.float32(1.0 / 255.0), out=planes)
+    planes *= np.float32(e)
+    np.exp(planes, out=planes)
+    planes *= np.float32(255.0)
+    return planes
+
+
 def shades_of_gray(planes: np.ndarray, power: float) -> np.ndarray:
     """Shades of Gray colour constancy (Finlayson and Trezzi, 2004) on ``(3, N)`` float32 values in 0-255, in place.
 
@@ -212,12 +255,15 @@ def shades_of_gray(planes: np.ndarray, power: float) -> np.ndarray:
 
 
 def model_input(planes: np.ndarray, height: int, width: int, spec: PreprocessingSpec) -> np.ndarray:
-    """``(3, H*W)`` float32 values in 0-255 to the normalised ``(3, H, W)`` model input (colour constancy first).
+    """``(3, H*W)`` float32 values in 0-255 to the normalised ``(3, H, W)`` model input (colour constancy, then
+    tone, then normalisation).
 
     Shared by :func:`normalise` and the training augmentation, which hands over its colour-jittered planes.
     """
     if spec.color_constancy == "shades_of_gray":
         shades_of_gray(planes, spec.color_constancy_power)
+    if spec.tone == "median_gamma":
+        median_gamma(planes, spec.tone_target)
     # (v / scale - mean) / std as one multiply-add per value.
     std = np.asarray(spec.std, dtype=np.float64)
     planes *= (1.0 / (spec.scale * std)).astype(np.float32)[:, None]

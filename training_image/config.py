@@ -235,6 +235,12 @@ class Config:
         "colour constancy in the shared preprocessing (training and serving): shades_of_gray divides each channel "
         "by its 6-norm mean, undoing another illuminant or white balance",
     )
+    tone: str = _hp(
+        _choice("none", "median_gamma"), "none",
+        "tone normalisation in the shared preprocessing (training and serving), after the colour constancy: "
+        "median_gamma raises each picture to the power that brings the median of its brightest channel to mid-grey, "
+        "undoing another camera's gamma",
+    )
     acquisition_aug: float = _hp(
         FLOAT, "0.5",
         "fraction of training samples that also go through a random acquisition (lesionml.acquisition: squash, "

@@ -43,11 +43,11 @@ def _build(cfg: Config, data: Data) -> tuple[LesionNet, PreprocessingSpec]:
     model, info = build_model(cfg.arch, len(data.classes), cfg.pretrained, (height, width), cfg.dropout)
     log.info("model %s: %s weights, embedding %d", cfg.arch, info.weights, info.embedding_dim)
     detail_h, detail_w = median_crop_size(data.train, height, width) if cfg.detail_size == (-1, -1) else cfg.detail_size
-    log.info("detail cap %s, colour constancy %s", f"{detail_w}x{detail_h}" if detail_w else "none",
-             cfg.color_constancy)
+    log.info("detail cap %s, colour constancy %s, tone %s", f"{detail_w}x{detail_h}" if detail_w else "none",
+             cfg.color_constancy, cfg.tone)
     return model, PreprocessingSpec(arch=cfg.arch, height=height, width=width, mean=info.mean, std=info.std,
                                     detail_width=detail_w, detail_height=detail_h,
-                                    color_constancy=cfg.color_constancy)
+                                    color_constancy=cfg.color_constancy, tone=cfg.tone)
 
 
 def _images(

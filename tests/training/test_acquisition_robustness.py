@@ -18,6 +18,7 @@ from lesionml.acquisition import (
     SEVERITIES,
     SHIFTS,
     colour_cast,
+    gamma,
     random_acquisition,
     random_squash,
     sharper_camera,
@@ -87,6 +88,19 @@ def test_shades_of_gray_undoes_a_colour_cast(lesion: Image.Image) -> None:
     assert np.allclose(preprocess(grey, sog), preprocess(grey, plain), atol=1e-5)  # grey light: untouched
 
 
+def test_median_gamma_undoes_another_tone_curve_with_or_without_a_cast(lesion: Image.Image) -> None:
+    # Tone comes after the colour constancy: a cast would otherwise move the brightest channel it measures.
+    toned, plain = _spec(tone="median_gamma", color_constancy="shades_of_gray"), _spec(color_constancy="shades_of_gray")
+    neutral, warm, cool = (1.0, 1.0, 1.0), (1.15, 1.0, 0.85), (0.88, 1.0, 1.15)
+    for g, gains in ((0.7, neutral), (1.4, neutral), (1.4, warm), (0.7, cool)):
+        shifted = gamma(colour_cast(lesion, gains), g)
+        with_tone = _gap(preprocess(shifted, toned), preprocess(lesion, toned))
+        without = _gap(preprocess(shifted, plain), preprocess(lesion, plain))
+        assert with_tone < 0.15 * without, (g, gains, with_tone, without)
+    black = Image.new("RGB", (256, 192), (0, 0, 0))
+    assert np.allclose(preprocess(black, toned), preprocess(black, plain))  # nothing to measure: left alone
+
+
 @pytest.mark.parametrize("power", [1.0, 2.0, 5.0, 6.0, 2.5])
 def test_shades_of_gray_fast_power_is_the_minkowski_mean(power: float) -> None:
     rng = np.random.default_rng(0)
@@ -111,9 +125,10 @@ def test_allocator_setting_applies_on_glibc_and_is_skipped_without_a_c_library(
     assert allocator.keep_freed_memory() is False
 
 
+@pytest.mark.parametrize("tone", ["none", "median_gamma"])
 @pytest.mark.parametrize("size", [(256, 192), (600, 450), (512, 512), (120, 90)])
-def test_serving_computes_the_training_transform(lesion: Image.Image, size: tuple[int, int]) -> None:
-    spec = _spec(detail_width=200, detail_height=150, color_constancy="shades_of_gray")
+def test_serving_computes_the_training_transform(lesion: Image.Image, size: tuple[int, int], tone: str) -> None:
+    spec = _spec(detail_width=200, detail_height=150, color_constancy="shades_of_gray", tone=tone)
     img = lesion.resize(size, Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     img.save(buf, "PNG")
@@ -143,6 +158,9 @@ def test_a_version_one_spec_means_what_it_meant_and_a_newer_one_is_refused(tmp_p
     assert (spec.version, spec.detail_width, spec.color_constancy) == (1, 0, "none")
     write_spec(_spec(detail_width=200, detail_height=150, color_constancy="shades_of_gray"), tmp_path / "q.json")
     assert read_spec(tmp_path / "q.json").color_constancy == "shades_of_gray"
+    v2 = {**v1, "version": 2, "detail_width": 200, "detail_height": 150, "color_constancy": "shades_of_gray"}
+    (tmp_path / "p.json").write_text(json.dumps(v2))  # before tone normalisation: none
+    assert (read_spec(tmp_path / "p.json").tone, read_spec(tmp_path / "p.json").per_image) == ("none", True)
     (tmp_path / "p.json").write_text(json.dumps({**v1, "version": 99}))
     with pytest.raises(ValueError, match="newer"):
         read_spec(tmp_path / "p.json")

@@ -120,7 +120,7 @@ def test_the_melanoma_threshold_holds_under_the_acquisition_shifts(full_job: tup
     assert choice["below_floor"] == (chosen["clean_specificity"] < choice["specificity_floor"])
     assert metrics["baseline"]["melanoma_threshold"] <= 1.0
     spec = read_spec(full_job[0] / "model" / "preprocessing.json")
-    assert spec.version == 2 and spec.color_constancy == "shades_of_gray"
+    assert spec.version == 3 and spec.color_constancy == "shades_of_gray" and spec.tone == "none"
     assert (spec.detail_width, spec.detail_height) == (200, 150)  # the bundled images' size (detail_size=auto)
 
 
