@@ -103,7 +103,7 @@ class ModelInputBuilder:
 
     def normalise(self, p: np.ndarray) -> np.ndarray:
         """``(3, H, W)`` uint8 planes to the normalised float32 model input."""
-        if self.spec.per_image:  # lesionml's own last steps: tone and colour constancy first
+        if self.spec.per_image:  # lesionml's own last steps: colour constancy and tone first
             return model_input(p.reshape(3, -1).astype(np.float32), p.shape[1], p.shape[2], self.spec)
         out = np.multiply(p, self.scale, dtype=np.float32)
         out += self.offset

@@ -19,11 +19,10 @@ filtering; with ``color_constancy: shades_of_gray``, divide each channel by its 
 every value to the power that takes the median of each pixel's brightest channel to ``tone_target``
 (:func:`median_gamma`: another tone curve is undone; after the colour constancy, so that a cast does not move the
 brightest channel it measures); scale to ``[0, 1]`` by dividing by ``scale`` and normalise per channel
-``(x - mean) / std``. The result is a float32 ``(3, height, width)`` array;
-stack arrays for a batch.
+``(x - mean) / std``. The result is a float32 ``(3, height, width)`` array; stack arrays for a batch.
 
-Training applies the same detail cap to its images before augmenting them, and the same colour constancy and tone after,
-so that an image reaches the network through one path whichever side of the model it is on. A version-1 file (no
+Training applies the same detail cap to its images before augmenting them, and the same colour constancy and tone
+after, so that an image reaches the network through one path whichever side of the model it is on. A version-1 file (no
 detail cap, no colour constancy) and a version-2 file (no tone normalisation) still read, and mean what they meant.
 
 Only numpy and Pillow are needed, so the inference image can use it without torchvision.
