@@ -4,7 +4,10 @@ Every test image (HAM10000's lesion split, and the second source's held-out part
 stated severity, encoded losslessly (PNG; the JPEG shift's own bytes are JPEG) and scored through the serving
 path: :func:`inference_image.imaging.decode_image`, :class:`inference_image.transform.ModelInputBuilder` and the
 model directory's ``model.ts``, with the threshold and decision offsets its ``metrics.json`` exports. Per set and
-shift: macro AUC, melanoma AUC, melanoma sensitivity and specificity at the exported threshold, balanced accuracy.
+shift: macro AUC, melanoma AUC, melanoma sensitivity and specificity at the exported threshold, balanced accuracy,
+and melanoma sensitivity at one operating point for every model (``melanoma_sensitivity_matched``: at the threshold
+that gives the clean set a specificity of :data:`MATCHED_SPECIFICITY`), so that models whose exported thresholds sit
+at different specificities can still be compared.
 
 Target on every shift: melanoma sensitivity within 0.05 of the clean figure and melanoma AUC within 0.03.
 With a few dozen melanomas per set, one melanoma moves sensitivity by about 0.02, so each drop also gets a 95 %
@@ -40,6 +43,7 @@ from lesionml.metrics import (
     balanced_accuracy,
     confusion_matrix,
     decide,
+    lowest_threshold_keeping,
     macro_auc_ovr,
     roc_auc,
     sensitivity_specificity,
@@ -49,6 +53,7 @@ from lesionml.preprocessing import read_spec
 ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = {"melanoma_sensitivity": 0.05, "melanoma_auc": 0.03}
 BOOTSTRAP = 1000
+MATCHED_SPECIFICITY = 0.70  # the training job's default melanoma_specificity_floor
 MAX_PIXELS = 100_000_000
 
 
@@ -102,14 +107,22 @@ class Model:
         return np.concatenate(out).astype(np.float64)
 
 
-def figures(model: Model, labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """The benchmark's figures for one set under one shift."""
+def matched_threshold(is_mel: np.ndarray, clean_mel_probs: np.ndarray,
+                      specificity: float = MATCHED_SPECIFICITY) -> float:
+    """The lowest melanoma threshold at which the clean set keeps ``specificity``: one operating point for all
+    models, whatever threshold each exported."""
+    return lowest_threshold_keeping(clean_mel_probs[~is_mel], specificity)
+
+
+def figures(model: Model, labels: np.ndarray, probs: np.ndarray, matched: float) -> dict[str, float]:
+    """The benchmark's figures for one set under one shift; ``matched`` is the set's :func:`matched_threshold`."""
     mel = melanoma_index(model.label_set)
     is_mel = labels == mel
     sens, spec = sensitivity_specificity(is_mel, probs[:, mel], model.threshold)
     cm = confusion_matrix(labels, decide(probs, model.offsets), len(model.classes))
     return {"macro_auc": macro_auc_ovr(labels, probs)[0], "melanoma_auc": roc_auc(is_mel, probs[:, mel]),
-            "melanoma_sensitivity": sens, "melanoma_specificity": spec, "balanced_accuracy": balanced_accuracy(cm)}
+            "melanoma_sensitivity": sens, "melanoma_specificity": spec, "balanced_accuracy": balanced_accuracy(cm),
+            "melanoma_sensitivity_matched": sensitivity_specificity(is_mel, probs[:, mel], matched)[0]}
 
 
 def run_set(
@@ -125,13 +138,16 @@ def run_set(
     originals = [Image.open(f).convert("RGB") for f, _ in items]
     out: dict[str, Any] = {name: {} for name in models}
     mel_probs: dict[str, dict[str, np.ndarray]] = {name: {} for name in models}
+    matched: dict[str, float] = {}
     for shift_name, shift in {"clean": lambda im: im, **shifts}.items():
         t0 = time.time()
         pictures = [encoded(shift(im)) for im in originals]
         for name, model in models.items():
             probs = model.probabilities(pictures)
-            out[name][shift_name] = figures(model, labels, probs)
             mel_probs[name][shift_name] = probs[:, melanoma_index(model.label_set)]
+            if shift_name == "clean":
+                matched[name] = matched_threshold(labels == melanoma_index(model.label_set), mel_probs[name]["clean"])
+            out[name][shift_name] = figures(model, labels, probs, matched[name])
         print(f"  {shift_name}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     return out, mel_probs, labels == melanoma_index(first.label_set)
 
@@ -208,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     shifts = {k: SHIFTS[k] for k in args.shift} if args.shift else SHIFTS
     result: dict[str, Any] = {
         "split": args.split, "others": args.others, "severities": {k: SEVERITIES[k] for k in shifts},
-        "tolerance": TOLERANCE, "models": {n: {"threshold": m.threshold} for n, m in models.items()}, "sets": {},
+        "tolerance": TOLERANCE, "matched_specificity": MATCHED_SPECIFICITY,
+        "models": {n: {"threshold": m.threshold} for n, m in models.items()}, "sets": {},
     }
     for set_name, rows in sets.items():
         items = test_set(rows, folders, args.others)
@@ -229,14 +246,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\n{set_name} / {name}: " + ("met" if v["met"] else "NOT met")
                   + f"; clearly missed: {', '.join(v['clearly_missed']) or 'none'}")
             print(f"{'shift':20} {'macro AUC':>9} {'mel AUC':>8} {'mel sens':>8} {'mel spec':>8} {'bal acc':>8}"
-                  f"  {'sens drop 95%':>16} {'AUC drop 95%':>16}")
+                  f" {'sens@sp' + format(MATCHED_SPECIFICITY, '.2f'):>10}  {'sens drop 95%':>16} {'AUC drop 95%':>16}")
             for shift_name, fig in f.items():
                 iv = v["drop_interval_95"].get(shift_name)
                 spans = (f"  [{iv['melanoma_sensitivity'][0]:6.3f},{iv['melanoma_sensitivity'][1]:6.3f}]"
                          f"  [{iv['melanoma_auc'][0]:6.3f},{iv['melanoma_auc'][1]:6.3f}]") if iv else ""
                 print(f"{shift_name:20} {fig['macro_auc']:9.3f} {fig['melanoma_auc']:8.3f}"
                       f" {fig['melanoma_sensitivity']:8.3f} {fig['melanoma_specificity']:8.3f}"
-                      f" {fig['balanced_accuracy']:8.3f}{spans}")
+                      f" {fig['balanced_accuracy']:8.3f} {fig['melanoma_sensitivity_matched']:10.3f}{spans}")
     last = list(models)[-1]
     return 0 if all(block[last]["verdict"]["met"] for block in result["sets"].values()) else 1
 

@@ -276,3 +276,15 @@ def test_shift_benchmark_tells_a_clear_miss_from_noise() -> None:
     v = verdict(figs, iv)
     assert (v["met"], v["failing_shifts"], v["clearly_missed"], v["clearly_met"]) == (
         False, ["collapsed"], ["collapsed"], ["same"])
+
+
+def test_shift_benchmark_compares_models_at_one_clean_specificity() -> None:
+    from benchmarks.training.shifts import matched_threshold
+
+    is_mel = np.r_[np.ones(4, bool), np.zeros(10, bool)]
+    clean = np.r_[[0.9, 0.8, 0.7, 0.6], np.linspace(0.05, 0.5, 10)]
+    t = matched_threshold(is_mel, clean, 0.7)
+    assert np.mean(clean[~is_mel] < t) >= 0.7 > np.mean(clean[~is_mel] < np.nextafter(t, 0))  # the lowest such
+    # Another model that only scales its scores is the same classifier: whatever threshold it exported, it gets
+    # the same operating point, and so the same sensitivity there.
+    assert np.mean(clean[is_mel] >= t) == np.mean(0.5 * clean[is_mel] >= matched_threshold(is_mel, 0.5 * clean, 0.7))
