@@ -15,7 +15,8 @@ import copy
 import logging
 import os
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -369,6 +370,57 @@ def fixed_norm_layers(model: LesionNet, always_frozen: Collection[str]) -> list[
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and own and all(n in always_frozen for n in own):
             out.append(module)
     return out
+
+
+def frozen_units(model: LesionNet, always_frozen: Collection[str]) -> list[nn.Module]:
+    """The largest backbone modules whose parameters all stay at their pretrained values, in forward order.
+
+    Each is called as one unit on a batch (a stem convolution, a block, a stage), so
+    :func:`micro_batched` can run it a few images at a time. Modules without parameters (activations,
+    pooling) are left out; they are cheap and may mix the batch's layout.
+    """
+    units: list[nn.Module] = []
+    taken: list[str] = []
+    for mname, module in model.backbone.named_modules():
+        if any(mname.startswith(t + ".") for t in taken) or isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            continue
+        own = [f"{mname}.{pname}" if mname else pname for pname, _ in module.named_parameters()]
+        if own and all(n in always_frozen for n in own):
+            units.append(module)
+            taken.append(mname)
+    return units
+
+
+def _in_chunks(forward: Callable[..., Any], size: int, norms: Sequence[nn.Module]) -> Callable[..., Any]:
+    def run(x: Any, *args: Any, **kwargs: Any) -> Any:
+        # A norm layer that learns batch statistics would see other statistics in a smaller batch.
+        if not isinstance(x, torch.Tensor) or x.shape[0] <= size or any(n.training for n in norms):
+            return forward(x, *args, **kwargs)
+        return torch.cat([forward(c, *args, **kwargs) for c in x.split(size)])
+
+    return run
+
+
+@contextmanager
+def micro_batched(units: Sequence[nn.Module], size: int) -> Iterator[None]:
+    """While the block runs, each of ``units`` passes its batch ``size`` images at a time (``size <= 0``: off).
+
+    Why: on a CPU the early, high-resolution layers of a training batch of 32 overflow the cache; 4 images at a time
+    run them about twice as fast. Each image's result is the same, because the units hold no per-batch state: any
+    norm layer in training mode turns the split off. Random draws (stochastic depth) are taken in the same order.
+    """
+    patched: list[nn.Module] = []
+    try:
+        if size > 0:
+            for unit in units:
+                norms = [m for m in unit.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+                # An instance attribute shadows the class's forward for nn.Module.__call__; deleted on the way out.
+                object.__setattr__(unit, "forward", _in_chunks(unit.forward, size, norms))
+                patched.append(unit)
+        yield
+    finally:
+        for unit in patched:
+            object.__delattr__(unit, "forward")
 
 
 def param_groups(model: LesionNet, lr: float, backbone_lr_scale: float, weight_decay: float) -> list[dict[str, Any]]:

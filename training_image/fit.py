@@ -22,7 +22,15 @@ from torch.utils.data import DataLoader
 
 from lesionml.labels import melanoma_index
 from lesionml.metrics import balanced_accuracy, confusion_matrix, decide_on_validation, macro_auc_ovr
-from lesionml.models import LesionNet, fixed_norm_layers, freeze_backbone, leading_backbone_params, param_groups
+from lesionml.models import (
+    LesionNet,
+    fixed_norm_layers,
+    freeze_backbone,
+    frozen_units,
+    leading_backbone_params,
+    micro_batched,
+    param_groups,
+)
 from lesionml.preprocessing import PreprocessingSpec
 from training_image.checkpoints import Checkpoints, TrainState
 from training_image.config import Config, ConfigError
@@ -90,6 +98,7 @@ def train_epoch(
     progress: Progress | None = None,
     always_frozen: Collection[str] = (),
     after_step: Callable[[], None] | None = None,
+    micro_batch: int = 0,
 ) -> dict[str, float]:
     """One pass of the project's training loop (also what benchmarks/training/throughput.py times).
 
@@ -113,6 +122,10 @@ def train_epoch(
         Backbone parameters that never train (``trainable_from``); their norm layers keep running statistics.
     after_step : callable, optional
         Called after each optimiser step (the weight average's update).
+    micro_batch : int
+        Run the layers that do not train (the whole backbone when ``frozen``, else the modules before
+        ``always_frozen``'s end) this many images at a time (:func:`lesionml.models.micro_batched`); 0 = the whole
+        batch at once. The same results, faster on a CPU.
 
     Returns
     -------
@@ -133,39 +146,41 @@ def train_epoch(
     correct = torch.zeros((), device=device)
     seen = 0
     t0 = time.time()
-    for step, (x, y) in enumerate(loader, start=1):
-        if step > steps:
-            break
-        x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
-        y = y.to(device, non_blocking=True)
-        with autocast(device, dtype):
-            if frozen:
-                with torch.no_grad():
-                    features = model.backbone(x)
-                logits = net(features)
+    units = [model.backbone] if frozen else frozen_units(model, always_frozen)
+    with micro_batched(units, micro_batch):
+        for step, (x, y) in enumerate(loader, start=1):
+            if step > steps:
+                break
+            x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+            y = y.to(device, non_blocking=True)
+            with autocast(device, dtype):
+                if frozen:
+                    with torch.no_grad():
+                        features = model.backbone(x)
+                    logits = net(features)
+                else:
+                    logits = net(x)
+                loss = loss_fn(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(params, 5.0)
+                scaler.step(opt)
+                scaler.update()
             else:
-                logits = net(x)
-            loss = loss_fn(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(params, 5.0)
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, 5.0)
-            opt.step()
-        sched.step()
-        if after_step is not None:
-            after_step()
-        # Accumulate on the device: an .item() per step would synchronise CUDA every iteration.
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(y)
-        if progress is not None:
-            progress(step, seen, functools.partial(_mean, loss_sum, seen))
+                loss.backward()
+                nn.utils.clip_grad_norm_(params, 5.0)
+                opt.step()
+            sched.step()
+            if after_step is not None:
+                after_step()
+            # Accumulate on the device: an .item() per step would synchronise CUDA every iteration.
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+            if progress is not None:
+                progress(step, seen, functools.partial(_mean, loss_sum, seen))
     elapsed = max(time.time() - t0, 1e-9)
     return {
         "loss": float(loss_sum) / max(seen, 1),
@@ -223,6 +238,8 @@ class Fitter:
         self.val_loader = make_loader(
             EvalDataset(val_images, spec), eval_batch_size(cfg, rt.device), None, workers, rt.device
         )
+        # The layers that do not train run as evaluation does: on a CPU, a few images at a time stay in cache.
+        self.micro_batch = eval_batch_size(cfg, rt.device) if rt.device.type == "cpu" else 0
         n_batches = len(self.train_loader)
         self.steps_per_epoch = min(n_batches, self.max_steps) if self.max_steps else n_batches
 
@@ -366,7 +383,7 @@ class Fitter:
         stats = train_epoch(
             self.model, net, frozen, self.train_loader, self.opt, self.sched, self.scaler, self.loss_fn, rt.device,
             self.dtype, self.cfg.channels_last, steps, progress, self.always_frozen,
-            self.ema.update if self.ema is not None else None,
+            self.ema.update if self.ema is not None else None, self.micro_batch,
         )
         stats["images_per_sec"] *= rt.world_size
         return stats
