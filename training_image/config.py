@@ -200,7 +200,8 @@ class Config:
     eval_batch_size: int = _hp(
         AUTO_INT, "auto",
         "images per forward pass in evaluation (a test-time-augmented model's views count as images); auto = 64 on "
-        "a GPU, 4 on a CPU, where small batches stay in cache: 2.2x faster than 64 on the 2-core machine",
+        "a GPU, 4 on a CPU, where small batches stay in cache: 2.2x faster than 64 on the 2-core machine. On a CPU "
+        "the layers that do not train also pass each training batch this many images at a time (same results)",
         lambda v: v == -1 or 1 <= v <= 4096, 'must be "auto" or 1..4096',
     )
     lr: float = _hp(

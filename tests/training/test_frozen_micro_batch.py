@@ -128,3 +128,20 @@ def test_the_fine_tuning_job_keeps_frozen_norm_layers_fixed() -> None:
         norms = [m for m in unit.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         assert norms or isinstance(unit, nn.Conv2d)
         assert all(id(m) in fixed for m in norms)
+
+
+def test_the_eta_before_a_full_epoch_is_measured_follows_trainable_from() -> None:
+    from types import SimpleNamespace
+
+    from training_image.fit import Fitter
+
+    def eta(always_frozen: frozenset[str]) -> float:
+        fitter = SimpleNamespace(
+            epoch_times={True: [100.0], False: []}, cfg=SimpleNamespace(freeze_epochs=1), epochs=3,
+            always_frozen=always_frozen,
+        )
+        return Fitter._eta(fitter, 2)  # type: ignore[arg-type]
+
+    # After the head-only epoch: two full epochs to go.
+    assert eta(frozenset({"net._conv_stem.weight"})) == pytest.approx(400.0)
+    assert eta(frozenset()) == pytest.approx(800.0)
