@@ -16,17 +16,15 @@ Measurements alternate (whole, micro-batched, whole, ...) so that other load hit
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.training.throughput import ROOT, _cpu_name, _samples, _Timer
+from benchmarks.training.throughput import _cpu_name, _samples, _Timer, emit, loop_arguments
 from lesionml.models import build_model, freeze_backbone, leading_backbone_params, param_groups
 from lesionml.preprocessing import PreprocessingSpec
 from training_image.config import build_config
@@ -71,17 +69,9 @@ def run(samples: Sequence[object], args: argparse.Namespace, frozen: bool, micro
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print (and optionally save) the result."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--metadata", type=Path, default=ROOT / "data/sample/HAM10000_metadata.csv")
-    p.add_argument("--images", type=Path, default=ROOT / "data/sample/images")
-    p.add_argument("--image-size", default="256x192")
-    p.add_argument("--batch", type=int, default=32)
+    loop_arguments(p, "256x192")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--amp", default="auto", help="the job's amp hyperparameter (auto: bf16 where fast)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", type=Path, help="also write the result here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     n = args.batch * (args.warmup + args.steps)
@@ -109,10 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpu": _cpu_name(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ applies, :func:`lesionml.allocator.keep_freed_memory`) to see what the allocator
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.training.quality import CPU_HPS
+from benchmarks.training.throughput import emit
 from lesionml.allocator import keep_freed_memory
 from lesionml.archs import norm_mean_std
 from lesionml.preprocessing import PreprocessingSpec
@@ -84,10 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

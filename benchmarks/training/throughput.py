@@ -147,20 +147,34 @@ def run_reference(samples: Sequence[Sample], args: argparse.Namespace) -> float:
     return timer.rate()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark and print (and optionally save) the result."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def loop_arguments(p: argparse.ArgumentParser, image_size: str) -> None:
+    """The options every training-loop benchmark takes: data, input, batch, threads, timing and output."""
     p.add_argument("--metadata", type=Path, default=ROOT / "data/sample/HAM10000_metadata.csv")
     p.add_argument("--images", type=Path, default=ROOT / "data/sample/images")
-    p.add_argument("--arch", default="efficientnet_lite0")
-    p.add_argument("--image-size", default="200x150")
+    p.add_argument("--image-size", default=image_size)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--workers", type=int, default=0)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path, help="also write the result here")
+
+
+def emit(result: dict[str, object], path: Path | None) -> int:
+    """Print ``result`` as JSON, and write it to ``path`` when given; the benchmark's exit status."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        path.write_text(text + "\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print (and optionally save) the result."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    loop_arguments(p, "200x150")
+    p.add_argument("--arch", default="efficientnet_lite0")
+    p.add_argument("--workers", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -189,10 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpu": _cpu_name(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return emit(result, args.json)
 
 
 def _cpu_name() -> str:

@@ -8,16 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lesionml.models import (
-    LesionNet,
-    build_model,
-    fixed_norm_layers,
-    freeze_backbone,
-    frozen_units,
-    leading_backbone_params,
-    micro_batched,
-    param_groups,
-)
+from lesionml import models
+from lesionml.models import LesionNet
 from training_image.fit import train_epoch
 
 SIZE = (64, 96)
@@ -25,7 +17,7 @@ SIZE = (64, 96)
 
 def _lite0() -> LesionNet:
     torch.manual_seed(0)
-    model, _ = build_model("efficientnet_lite0", 7, pretrained=False, image_size=SIZE)
+    model, _ = models.build_model("efficientnet_lite0", 7, pretrained=False, image_size=SIZE)
     return model
 
 
@@ -42,18 +34,19 @@ def _names(model: LesionNet, units: list[nn.Module]) -> list[str]:
 
 def test_frozen_units_are_the_largest_modules_before_trainable_from() -> None:
     model = _lite0()
-    units = frozen_units(model, leading_backbone_params(model, "net._blocks.6"))
+    units = models.frozen_units(model, models.leading_backbone_params(model, "net._blocks.6"))
     assert _names(model, units) == ["net._conv_stem", "net._bn0"] + [f"net._blocks.{i}" for i in range(6)]
-    assert frozen_units(model, frozenset()) == []
+    assert models.frozen_units(model, frozenset()) == []
 
-    resnet, _ = build_model("resnet50", 7, pretrained=False)
-    assert _names(resnet, frozen_units(resnet, leading_backbone_params(resnet, "layer2"))) == ["conv1", "bn1", "layer1"]
+    resnet, _ = models.build_model("resnet50", 7, pretrained=False)
+    fixed = models.leading_backbone_params(resnet, "layer2")
+    assert _names(resnet, models.frozen_units(resnet, fixed)) == ["conv1", "bn1", "layer1"]
 
 
 def _step(model: LesionNet, x: torch.Tensor, y: torch.Tensor, micro_batch: int, frozen: bool) -> float:
-    always = leading_backbone_params(model, "net._blocks.6")
-    freeze_backbone(model, False, always)
-    opt = torch.optim.SGD(param_groups(model, 0.1, 1.0, 0.0), lr=0.1)
+    always = models.leading_backbone_params(model, "net._blocks.6")
+    models.freeze_backbone(model, False, always)
+    opt = torch.optim.SGD(models.param_groups(model, 0.1, 1.0, 0.0), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _s: 1.0)
     # The same seed on both sides: stochastic depth in the frozen blocks must draw the same masks.
     torch.manual_seed(123)
@@ -92,10 +85,10 @@ def test_norm_layers_that_learn_turn_the_split_off() -> None:
     seen, handle = _batch_sizes_seen(unit._depthwise_conv)
     x = torch.randn(8, 16, 32, 48)
     unit.train()
-    with torch.no_grad(), micro_batched([unit], 4):
+    with torch.no_grad(), models.micro_batched([unit], 4):
         unit(x)
     unit.eval()
-    with torch.no_grad(), micro_batched([unit], 4):
+    with torch.no_grad(), models.micro_batched([unit], 4):
         unit(x)
     handle.remove()
     assert seen == [8, 4, 4]
@@ -107,7 +100,7 @@ def test_the_split_is_undone_on_the_way_out_even_after_an_error() -> None:
     seen, handle = _batch_sizes_seen(unit._depthwise_conv)
     x = torch.randn(8, 16, 32, 48)
 
-    with pytest.raises(RuntimeError, match="stop"), torch.no_grad(), micro_batched([unit], 4):
+    with pytest.raises(RuntimeError, match="stop"), torch.no_grad(), models.micro_batched([unit], 4):
         unit(x)
         raise RuntimeError("stop")
     assert "forward" not in vars(unit)
@@ -122,9 +115,9 @@ def test_the_split_is_undone_on_the_way_out_even_after_an_error() -> None:
 def test_the_fine_tuning_job_keeps_frozen_norm_layers_fixed() -> None:
     # The premise of the split: the frozen units' norm layers are the ones train_epoch puts in eval mode.
     model = _lite0()
-    always = leading_backbone_params(model, "net._blocks.6")
-    fixed = {id(m) for m in fixed_norm_layers(model, always)}
-    for unit in frozen_units(model, always):
+    always = models.leading_backbone_params(model, "net._blocks.6")
+    fixed = {id(m) for m in models.fixed_norm_layers(model, always)}
+    for unit in models.frozen_units(model, always):
         norms = [m for m in unit.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         assert norms or isinstance(unit, nn.Conv2d)
         assert all(id(m) in fixed for m in norms)
