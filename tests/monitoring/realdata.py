@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from lesion_common.splits import assign_split
+from lesionml.acquisition import gamma
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
@@ -80,17 +81,11 @@ def squash(img: Image.Image, factor: float) -> Image.Image:
     return img.resize((max(1, round(img.width * factor)), img.height), Image.Resampling.BILINEAR)
 
 
-def gamma(img: Image.Image, g: float) -> Image.Image:
-    """Another tone curve, as the model's shift benchmark applies it (:func:`lesionml.acquisition.gamma`)."""
-    from lesionml.acquisition import gamma as tone_curve
-
-    return tone_curve(img, g)
-
-
 SHIFTS: dict[str, tuple[Callable[[Image.Image, float], Image.Image], tuple[float, ...], str]] = {
     "colour_cast": (colour_cast, (0.02, 0.04, 0.08, 0.15), "red/blue gain change"),
     "blur": (blur, (0.5, 1.0, 2.0, 3.0), "Gaussian blur radius, px"),
     "squash": (squash, (0.95, 0.9, 0.75, 0.6), "width scale factor"),
+    # The model's shift benchmark's own transform (one definition of the shift).
     "gamma": (gamma, (0.95, 0.9, 0.8, 0.7), "exponent, < 1 brightens the mid-tones"),
 }
 
