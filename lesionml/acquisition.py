@@ -128,7 +128,9 @@ class AcquisitionRanges:
     jpeg_quality: tuple[int, int] = (40, 95)
     p_cast: float = 0.5
     cast_sigma: float = 0.12
-    p_gamma: float = 0.5
+    # Every acquisition gets a tone curve: at 0.5, brighter mid-tones cost the most melanoma sensitivity of any
+    # shift (benchmarks/training/RESULTS.md, "Gamma in every acquisition").
+    p_gamma: float = 1.0
     gamma: tuple[float, float] = (0.6, 1.6)
     p_vignette: float = 0.3
     vignette: tuple[float, float] = (0.2, 0.7)
