@@ -25,6 +25,11 @@ from localmode import iam
 ENVIRONMENT_LIMIT_BYTES = 4096
 
 
+# Held while an invocation swaps os.environ, and by other threads (an endpoint starting) while they iterate it, as
+# boto3 does when it builds a client: a key removed mid-iteration raises KeyError in the reader.
+ENVIRON_LOCK = threading.Lock()
+
+
 def environment_size(variables: dict[str, str]) -> int:
     """Bytes of the environment as Lambda measures it (the compact JSON of the variables)."""
     return len(json.dumps(variables, separators=(",", ":"), ensure_ascii=False).encode())
@@ -141,17 +146,19 @@ class LambdaRuntime:
 
     @contextlib.contextmanager
     def _as_function(self, spec: FunctionSpec) -> Any:
-        saved = dict(os.environ)
-        os.environ.update(self._base_env)
-        os.environ.update(spec.environment)
-        os.environ["AWS_LAMBDA_FUNCTION_NAME"] = spec.name
-        os.environ["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"] = str(spec.memory_mb)
+        with ENVIRON_LOCK:
+            saved = dict(os.environ)
+            os.environ.update(self._base_env)
+            os.environ.update(spec.environment)
+            os.environ["AWS_LAMBDA_FUNCTION_NAME"] = spec.name
+            os.environ["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"] = str(spec.memory_mb)
         try:
             with contextlib.redirect_stdout(_SINK):
                 yield
         finally:
-            os.environ.clear()
-            os.environ.update(saved)
+            with ENVIRON_LOCK:
+                os.environ.clear()
+                os.environ.update(saved)
 
     def _module(self, spec: FunctionSpec) -> ModuleType:
         module = self._modules.get(spec.logical_id)
