@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import botocore.session
 
 from localmode import eventbridge, iam, lambdas, sagemaker
 from localmode.template import Resolver, load_template, samconfig_parameters
@@ -189,6 +190,17 @@ class LocalCloud:
 
         LambdaSimpleBackend.invoke = invoke  # type: ignore[method-assign,assignment]
         self._undo.append(lambda: setattr(LambdaSimpleBackend, "invoke", original_invoke))
+
+        # Every client is built under the lock an invocation holds while it swaps os.environ: botocore iterates the
+        # environment (proxies, config) and a key removed mid-iteration raises KeyError in whichever thread reads.
+        original_create_client = botocore.session.Session.create_client
+
+        def create_client(session: Any, *args: Any, **kwargs: Any) -> Any:
+            with lambdas.ENVIRON_LOCK:
+                return original_create_client(session, *args, **kwargs)
+
+        botocore.session.Session.create_client = create_client  # type: ignore[method-assign]
+        self._undo.append(lambda: setattr(botocore.session.Session, "create_client", original_create_client))
 
         original_s3_event = notifications._send_event_bridge_message
 

@@ -32,7 +32,6 @@ from typing import Any, Protocol
 import boto3
 
 from localmode import iam
-from localmode.lambdas import ENVIRON_LOCK
 
 log = logging.getLogger("localmode.hosting")
 
@@ -243,9 +242,7 @@ class LocalHosting:
         if not target.exists():
             bucket, _, key = container["ModelDataUrl"].removeprefix("s3://").partition("/")
             with iam.as_role_arn(model.execution_role_arn):  # the endpoint reads it with the model's role
-                with ENVIRON_LOCK:
-                    s3 = boto3.client("s3")
-                body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+                body = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
             target.mkdir(parents=True)
             with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as tar:
                 tar.extractall(target, filter="data")

@@ -25,9 +25,10 @@ from localmode import iam
 ENVIRONMENT_LIMIT_BYTES = 4096
 
 
-# Held while an invocation swaps os.environ, and by other threads (an endpoint starting) while they iterate it, as
-# boto3 does when it builds a client: a key removed mid-iteration raises KeyError in the reader.
-ENVIRON_LOCK = threading.Lock()
+# Held while an invocation swaps os.environ, and while any client is built (localmode.cloud wraps botocore's
+# create_client), since building one iterates the environment: a key removed mid-iteration raises KeyError.
+# Re-entrant: building a client may build another (credential providers).
+ENVIRON_LOCK = threading.RLock()
 
 
 def environment_size(variables: dict[str, str]) -> int:
