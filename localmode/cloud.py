@@ -199,7 +199,7 @@ class LocalCloud:
             with lambdas.ENVIRON_LOCK:
                 return original_create_client(session, *args, **kwargs)
 
-        botocore.session.Session.create_client = create_client  # type: ignore[method-assign]
+        botocore.session.Session.create_client = create_client
         self._undo.append(lambda: setattr(botocore.session.Session, "create_client", original_create_client))
 
         original_s3_event = notifications._send_event_bridge_message
