@@ -92,8 +92,9 @@ def is_missing_endpoint(err: ClientError) -> bool:
 def is_missing_endpoint_config(err: ClientError) -> bool:
     """SageMaker's answer for an endpoint configuration it does not find (or does not see yet).
 
-    ``ValidationException`` with ``Could not find endpoint configuration "<ARN>".`` (the CreateEndpoint API reference
-    documents this answer right after CreateEndpointConfig, an eventual-consistency window).
+    ``ValidationException`` with ``Could not find endpoint configuration "<ARN>".``: the text AWS sends from
+    DescribeEndpointConfig (aws/amazon-sagemaker-examples#2339 quotes it); the CreateEndpoint API reference says a
+    validation error can also come right after CreateEndpointConfig, an eventual-consistency window.
     """
     return _validation(err, "Could not find endpoint configuration")
 
