@@ -132,8 +132,8 @@ class AcquisitionRanges:
     # deployed seed missed HAM10000's balanced-accuracy target (0.748; 0.751 at 0.5), so it went back by the rule
     # set before that run (benchmarks/training/RESULTS.md, "J in the deployed recipe, seeds 7 and 11"). A paired test
     # over three seeds ("J against B over several bf16 seeds") kept it out: better on both archives, but two of its
-    # runs went over the 30-minute budget. Reruns gave identical models in times 6-17 % apart and the same cost a step
-    # as 0.5 ("J's time, measured again"): that was the host's speed, yet the budget was not met as measured.
+    # runs went over the 30-minute budget. Reruns gave identical models in times 6-17 % apart, and 1.0 costs a few
+    # per cent a step more than 0.5 ("J's time, measured again"): mostly the host's speed, but not met as measured.
     p_gamma: float = 0.5
     gamma: tuple[float, float] = (0.6, 1.6)
     p_vignette: float = 0.3
