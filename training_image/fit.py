@@ -47,7 +47,7 @@ from training_image.data import (
 )
 from training_image.ema import WeightEma
 from training_image.evaluate import predict
-from training_image.runtime import Runtime, autocast, emit_metrics, eval_batch_size, fmt_eta
+from training_image.runtime import Runtime, autocast, cpu_seconds, emit_metrics, eval_batch_size, fmt_eta
 
 log = logging.getLogger("train")
 
@@ -130,7 +130,8 @@ def train_epoch(
     Returns
     -------
     dict
-        Mean loss, accuracy and images per second of this process.
+        Mean loss, accuracy and images per second of this process, and ``data_wait_seconds``: how long it waited
+        for the loader's next batch (a job that waits long is bound by decoding and augmentation, not by compute).
     """
     freeze_backbone(model, frozen, always_frozen)
     model.train()
@@ -146,9 +147,12 @@ def train_epoch(
     correct = torch.zeros((), device=device)
     seen = 0
     t0 = time.time()
+    data_wait = 0.0
     units = [model.backbone] if frozen else frozen_units(model, always_frozen)
     with micro_batched(units, micro_batch):
+        t_asked = time.perf_counter()
         for step, (x, y) in enumerate(loader, start=1):
+            data_wait += time.perf_counter() - t_asked
             if step > steps:
                 break
             x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
@@ -181,11 +185,13 @@ def train_epoch(
             seen += len(y)
             if progress is not None:
                 progress(step, seen, functools.partial(_mean, loss_sum, seen))
+            t_asked = time.perf_counter()
     elapsed = max(time.time() - t0, 1e-9)
     return {
         "loss": float(loss_sum) / max(seen, 1),
         "accuracy": float(correct) / max(seen, 1),
         "images_per_sec": seen / elapsed,
+        "data_wait_seconds": data_wait,
     }
 
 
@@ -300,7 +306,7 @@ class Fitter:
     def _epoch(self, state: TrainState, epoch: int, frozen: bool, net: nn.Module) -> None:
         """Train one epoch, validate, select, log and checkpoint."""
         cfg, rt = self.cfg, self.rt
-        t_epoch = time.time()
+        t_epoch, cpu_start = time.time(), cpu_seconds()
         self.train_ds.epoch = self.sampler.epoch = epoch
         train_stats = self._train(net, frozen, epoch)
         # With ema_decay, the weight average is what is validated, selected and exported.
@@ -320,6 +326,7 @@ class Fitter:
         val_sens = float(((val.probs[:, self.mel] >= decision.melanoma_threshold) & is_mel).sum()
                          / max(1, is_mel.sum()))
         seconds = time.time() - t_epoch
+        cpu = cpu_seconds() - cpu_start
         self.epoch_times[frozen].append(seconds)
         state.train_seconds += seconds
         record = {
@@ -328,6 +335,7 @@ class Fitter:
             "val_balanced_accuracy": val_bacc, "val_balanced_accuracy_with_bias": score, "val_macro_auc": val_auc,
             "val_melanoma_sensitivity": val_sens, "lr": self.opt.param_groups[-1]["lr"],
             "images_per_sec": train_stats["images_per_sec"], "epoch_seconds": seconds,
+            "data_wait_seconds": train_stats["data_wait_seconds"], "cpu_seconds": cpu,
         }
         # JSON has no NaN (e.g. AUC on a validation split missing classes): store None instead.
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
@@ -337,10 +345,10 @@ class Fitter:
         if rt.is_main:
             emit_metrics({k: v for k, v in record.items() if k not in ("frozen_backbone",)})
             log.info(
-                "epoch %d/%d done in %.1fs: validation balanced accuracy %.4f (model selection: %.4f, best "
-                "%.4f at epoch %d), "
-                "total eta %s", epoch, self.epochs, seconds, val_bacc, score, state.best_score, state.best_epoch,
-                fmt_eta(self._eta(epoch + 1)),
+                "epoch %d/%d done in %.1fs (%.1fs of it waiting for data, %.0f CPU-seconds): validation balanced "
+                "accuracy %.4f (model selection: %.4f, best %.4f at epoch %d), total eta %s",
+                epoch, self.epochs, seconds, train_stats["data_wait_seconds"], cpu, val_bacc, score,
+                state.best_score, state.best_epoch, fmt_eta(self._eta(epoch + 1)),
             )
         self.checkpoints.epoch_done(epoch, self.model, self.opt, self.sched, self.scaler, state, self.ema)
 

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import random
+import resource
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,19 @@ def emit_metrics(values: dict[str, float | int | None]) -> None:
             continue
         parts.append(f"{k}={v};" if isinstance(v, int) else f"{k}={v:.6g};")
     print(" ".join(parts), flush=True)
+
+
+def cpu_seconds() -> float:
+    """User and system CPU time of this process and of its children that have exited (the loader's workers).
+
+    Loader workers are not persistent, so an epoch's workers have exited, and count, by the time its validation ends.
+    Against an epoch's wall time this tells a slow machine (CPU-seconds as usual, wall time longer) from more work.
+    """
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
 
 
 def fmt_eta(seconds: float) -> str:

@@ -97,6 +97,9 @@ def test_model_directory_follows_the_contract(full_job: tuple[Path, Any, Path]) 
     assert metrics["validation"]["balanced_accuracy"] == pytest.approx(scores["after"])
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert metrics["history"][0]["frozen_backbone"] and not metrics["history"][1]["frozen_backbone"]
+    for epoch in metrics["history"]:  # what an operator reads a slow job by
+        assert 0.0 <= epoch["data_wait_seconds"] <= epoch["epoch_seconds"]
+        assert epoch["cpu_seconds"] > 0.0
     classes_doc = json.loads((model_dir / "classes.json").read_text())
     assert classes_doc == {"label_set": "ham7", "classes": list(LABEL_SETS["ham7"])}
     for png in ("confusion_matrix.png", "roc.png", "reliability.png"):
