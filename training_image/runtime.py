@@ -38,7 +38,7 @@ def cpu_seconds() -> float:
     """User and system CPU time of this process and of its children that have exited (the loader's workers).
 
     Loader workers are not persistent, so an epoch's workers have exited, and count, by the time its validation ends.
-    Against an epoch's wall time this tells a slow machine (CPU-seconds as usual, wall time longer) from more work.
+    Well under vCPUs x wall seconds means the job sat idle; near it, the job was compute-bound.
     """
     total = 0.0
     for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
