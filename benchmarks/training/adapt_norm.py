@@ -54,7 +54,8 @@ def inputs(files: Sequence[Path], spec: PreprocessingSpec, batch: int) -> list[t
 def adapt_norm_statistics(model: nn.Module, batches: Sequence[torch.Tensor], norms: Sequence[nn.Module]) -> None:
     """Replace ``norms``' running statistics by their average over ``batches`` (the rest of ``model`` in eval mode).
 
-    Each layer sees the input the adapted layers before it give, as in one forward pass of the adapted model.
+    One pass, as AdaBN does it: while the statistics are gathered, the adapted layers before a layer normalise
+    with each batch's own statistics, so what a layer sees then differs slightly from what it sees once adapted.
     """
     model.eval()
     for m in norms:
