@@ -33,10 +33,10 @@ import torch
 from torch import nn
 
 from benchmarks.training.quality import job_splits
-from benchmarks.training.shifts import MAX_PIXELS, Model, figures, matched_threshold, test_set
+from benchmarks.training.shifts import MAX_PIXELS, Model, test_set
+from benchmarks.training.unseen_archive import clean_figures, probabilities
 from inference_image.imaging import decode_image
 from inference_image.transform import ModelInputBuilder
-from lesionml.labels import class_index, melanoma_index
 from lesionml.models import build_model, export_torchscript, fixed_norm_layers, leading_backbone_params, view_count
 from lesionml.preprocessing import PreprocessingSpec, read_spec
 
@@ -93,19 +93,6 @@ def adapted_copy(model_dir: Path, out_dir: Path, layers: str, files: Sequence[Pa
     return out_dir
 
 
-def score(models: dict[str, Model], items: list[tuple[Path, str]]) -> dict[str, dict[str, float]]:
-    """Each model's clean figures on ``items`` (:func:`benchmarks.training.shifts.figures`)."""
-    first = next(iter(models.values()))
-    labels = np.array([class_index(first.label_set)[label] for _, label in items])
-    pictures = [f.read_bytes() for f, _ in items]
-    out = {}
-    for name, m in models.items():
-        probs = m.probabilities(pictures)
-        mel = melanoma_index(m.label_set)
-        out[name] = figures(m, labels, probs, matched_threshold(labels == mel, probs[:, mel]))
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Adapt ``--model`` once per ``--layers``, score every model on the second source's test split."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,12 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for spec in args.score:
         name, _, folder = spec.partition("=")
         dirs[name] = Path(folder)
+    models = {k: Model(v) for k, v in dirs.items()}
     result: dict[str, Any] = {
         "adapted_on": f"{source} train split, {len(train)} pictures, unlabelled",
         "scored_on": f"{source} test split, {len(test)} pictures",
         "n_melanoma": sum(label == "mel" for _, label in test),
         "models": {k: str(v) for k, v in dirs.items()},
-        "figures": score({k: Model(v) for k, v in dirs.items()}, test),
+        "figures": clean_figures(models, *probabilities(models, test)),
     }
     text = json.dumps(result, indent=2, default=float)
     if args.out:
