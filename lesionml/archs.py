@@ -18,19 +18,6 @@ TORCHVISION_ARCHS: tuple[str, ...] = (
 )
 ARCHITECTURES: tuple[str, ...] = (*TORCHVISION_ARCHS, "efficientnet_lite0")
 
-# Backbone layers after whose output training may mix feature styles (hyperparameter mixstyle): the ends of the
-# second, third and fourth of seven stages (ResNet50: its first three of four), where features still describe the
-# picture's acquisition more than its content.
-STYLE_LAYERS: dict[str, tuple[str, ...]] = {
-    "efficientnet_lite0": ("net._blocks.2", "net._blocks.4", "net._blocks.7"),
-    "resnet50": ("layer1", "layer2", "layer3"),
-    **{f"efficientnet_b{i}": ("features.2", "features.3", "features.4") for i in range(8)},
-    "densenet121": ("features.denseblock1", "features.denseblock2", "features.denseblock3"),
-    "mobilenet_v2": ("features.3", "features.6", "features.10"),
-    "mobilenet_v3_large": ("features.3", "features.6", "features.10"),
-    "mobilenet_v3_small": ("features.1", "features.3", "features.6"),
-}
-
 
 def norm_mean_std(arch: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """Normalisation ``(mean, std)`` that ``arch``'s pretrained weights expect (applied to ``[0, 1]`` pixels)."""

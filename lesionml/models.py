@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lesionml.archs import ARCHITECTURES, STYLE_LAYERS, norm_mean_std
+from lesionml.archs import ARCHITECTURES, norm_mean_std
 
 log = logging.getLogger(__name__)
 
@@ -421,60 +421,6 @@ def micro_batched(units: Sequence[nn.Module], size: int) -> Iterator[None]:
     finally:
         for unit in patched:
             object.__delattr__(unit, "forward")
-
-
-def mix_styles(x: torch.Tensor, alpha: float = 0.1, eps: float = 1e-6) -> torch.Tensor:
-    """MixStyle (Zhou et al., ICLR 2021): give each image's feature maps a mix of its own and another image's style.
-
-    Each image's channels are normalised by their own mean and standard deviation over space, then rescaled by
-    ``lam * own + (1 - lam) * other``, with ``lam ~ Beta(alpha, alpha)`` per image and the other image drawn at
-    random from the batch. Why: what a camera, its colour handling and its optics change shows in these channel
-    statistics, while the lesion's structure lies in the normalised maps. The statistics are not differentiated
-    through, as in the paper.
-
-    Parameters
-    ----------
-    x : torch.Tensor
-        Feature maps ``(N, C, H, W)``; returned unchanged when ``N < 2``.
-    alpha : float
-        The Beta distribution's parameters (0.1: mostly near one image or the other).
-    eps : float
-        Added to the variance.
-    """
-    n = x.shape[0]
-    if n < 2:
-        return x
-    xf = x.float()
-    mu = xf.mean((2, 3), keepdim=True).detach()
-    sig = (xf.var((2, 3), keepdim=True) + eps).sqrt().detach()
-    lam = torch.distributions.Beta(alpha, alpha).sample((n, 1, 1, 1)).to(x.device)
-    perm = torch.randperm(n, device=x.device)
-    mixed_mu = lam * mu + (1 - lam) * mu[perm]
-    mixed_sig = lam * sig + (1 - lam) * sig[perm]
-    return ((xf - mu) / sig * mixed_sig + mixed_mu).to(x.dtype)
-
-
-@contextmanager
-def style_mixing(model: LesionNet, arch: str, p: float, alpha: float = 0.1) -> Iterator[None]:
-    """While the block runs, each of ``arch``'s :data:`lesionml.archs.STYLE_LAYERS` mixes styles with probability ``p``.
-
-    Each layer draws on its own, per call, as the paper's layers do. Forward hooks, removed on the way out: the
-    model validated and exported never mixes. A layer that :func:`micro_batched` splits mixes within each part.
-    """
-    handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        return mix_styles(output, alpha) if float(torch.rand(())) < p else output
-
-    try:
-        if p > 0:
-            modules = dict(model.backbone.named_modules())
-            for name in STYLE_LAYERS[arch]:
-                handles.append(modules[name].register_forward_hook(hook))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def param_groups(model: LesionNet, lr: float, backbone_lr_scale: float, weight_decay: float) -> list[dict[str, Any]]:

@@ -247,12 +247,6 @@ class Config:
         "fraction of training samples that also go through a random acquisition (lesionml.acquisition: squash, "
         "resolution, sharpening, gamma, colour cast, vignetting, JPEG)", lambda v: 0 <= v <= 1, "must be in [0, 1]",
     )
-    mixstyle: float = _hp(
-        FLOAT, "0",
-        "while training, the probability that each of the arch's style layers (lesionml.archs.STYLE_LAYERS) gives "
-        "every image's features a mix of its own and another image's channel statistics (MixStyle; 0 = off)",
-        lambda v: 0 <= v <= 1, "must be in [0, 1]",
-    )
     label_set: str = _hp(LABEL_SET, "", "ham7 or isic8; empty takes the manifests' classes.json")
     seed: int = _hp(INT, "42", "random seed")
     patience: int = _hp(

@@ -30,7 +30,6 @@ from lesionml.models import (
     leading_backbone_params,
     micro_batched,
     param_groups,
-    style_mixing,
 )
 from lesionml.preprocessing import PreprocessingSpec
 from training_image.checkpoints import Checkpoints, TrainState
@@ -392,12 +391,11 @@ class Fitter:
                 fmt_eta(left_epoch + self._eta(epoch + 1, this_epoch)),
             )
 
-        with style_mixing(self.model, self.cfg.arch, self.cfg.mixstyle):
-            stats = train_epoch(
-                self.model, net, frozen, self.train_loader, self.opt, self.sched, self.scaler, self.loss_fn,
-                rt.device, self.dtype, self.cfg.channels_last, steps, progress, self.always_frozen,
-                self.ema.update if self.ema is not None else None, self.micro_batch,
-            )
+        stats = train_epoch(
+            self.model, net, frozen, self.train_loader, self.opt, self.sched, self.scaler, self.loss_fn, rt.device,
+            self.dtype, self.cfg.channels_last, steps, progress, self.always_frozen,
+            self.ema.update if self.ema is not None else None, self.micro_batch,
+        )
         stats["images_per_sec"] *= rt.world_size
         return stats
 
