@@ -36,3 +36,16 @@ def test_a_model_directory_without_a_model_is_one_clear_line(tmp_path, capsys) -
     assert main(["--model", f"a={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: each --model is NAME=DIR") and "\n" not in err
+
+
+def test_the_diagnostic_views_change_the_geometry_they_name() -> None:
+    from PIL import Image
+
+    from benchmarks.training.unseen_archive import VIEWS
+
+    im = Image.new("RGB", (512, 512), (200, 120, 90))
+    assert VIEWS["as_stored"] is None
+    assert VIEWS["unsquash_4x3"](im).size == (512, 384)
+    assert VIEWS["centre_75"](im).size == (384, 384)
+    padded = VIEWS["mirror_padded_133"](im)
+    assert padded.size == (682, 682) and padded.getpixel((0, 0)) == (200, 120, 90)
