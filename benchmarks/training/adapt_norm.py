@@ -34,7 +34,7 @@ from torch import nn
 
 from benchmarks.training.quality import job_splits
 from benchmarks.training.shifts import MAX_PIXELS, Model, test_set
-from benchmarks.training.unseen_archive import clean_figures, probabilities
+from benchmarks.training.unseen_archive import clean_figures, probabilities, report
 from inference_image.imaging import decode_image
 from inference_image.transform import ModelInputBuilder
 from lesionml.models import build_model, export_torchscript, fixed_norm_layers, leading_backbone_params, view_count
@@ -123,10 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "models": {k: str(v) for k, v in dirs.items()},
         "figures": clean_figures(models, *probabilities(models, test)),
     }
-    text = json.dumps(result, indent=2, default=float)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    report(result, args.out)
     return 0
 
 

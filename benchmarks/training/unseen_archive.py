@@ -80,6 +80,14 @@ def difference_intervals(
             "macro_auc": [round(float(v), 4) for v in np.percentile(macro, [2.5, 97.5])]}
 
 
+def report(result: dict[str, Any], out: Path | None) -> None:
+    """Print ``result`` as JSON, and write it to ``out`` too when given."""
+    text = json.dumps(result, indent=2, default=float)
+    if out:
+        out.write_text(text + "\n")
+    print(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Score every ``--model`` on the second source's split; intervals against the first."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,10 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             name: difference_intervals(labels, mel, probs[base], probs[name]) for name in models if name != base
         },
     }
-    text = json.dumps(result, indent=2, default=float)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    report(result, args.out)
     return 0
 
 
