@@ -4,7 +4,10 @@ Runs the server's own predictor in-process (same code as behind /invocations) ov
 
 * every file of ``../shared/data/negatives`` (negatives.csv says which are non-dermoscopic pictures), and
 * held-out HAM10000 images (``../shared/data/ham10000/images``, minus the bundled sample the test model's
-  reference was built from), a fixed random subset.
+  reference was built from), a fixed random subset, and
+* with ``--archive``, the second archive's test split as :mod:`benchmarks.training.quality` splits it: how many of
+  another clinic's real lesions are flagged, and how many of the melanomas the model misses at its threshold are
+  (a clinic whose pictures did not train the model is warned picture by picture only by those flags).
 
 Run: ``.venv/bin/python -m benchmarks.inference.bench_ood [--model-dir [NAME=]DIR ...] [--ham 2000]`` (default model:
 built by tests/inference/model_factory.py). Writes ``benchmarks/inference/results/ood.json``.
@@ -29,7 +32,26 @@ SHARED = REPO.parent / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def evaluate(model_dir: Path, cache_dir: Path, ham: int) -> dict[str, Any]:
+def archive_flags(run: Any, archive: Path) -> dict[str, Any]:
+    """Flags on the second archive's test split: overall, on melanomas, on melanomas missed at the threshold."""
+    from benchmarks.training.quality import job_splits
+    from benchmarks.training.shifts import test_set
+
+    splits, folders = job_splits(SHARED / "ham10000", archive)
+    flagged: collections.Counter[str] = collections.Counter()
+    for path, label in test_set([r for r in splits["test"] if r.get("source") == archive.name], folders, 0):
+        _, pred = run(path.read_bytes())
+        assert pred is not None
+        mel, missed = label == "mel", label == "mel" and not pred["melanoma"]["at_risk"]
+        flagged.update(k for k, hit in (("pictures", True), ("melanomas", mel), ("melanomas_missed", missed)) if hit)
+        if pred["ood"]["flag"]:
+            flagged.update(k + "_flagged" for k, hit in (("pictures", True), ("melanomas", mel),
+                                                          ("melanomas_missed", missed)) if hit)
+    return {k: flagged[k] for k in ("pictures", "pictures_flagged", "melanomas", "melanomas_flagged",
+                                    "melanomas_missed", "melanomas_missed_flagged")}
+
+
+def evaluate(model_dir: Path, cache_dir: Path, ham: int, archive: Path | None = None) -> dict[str, Any]:
     """Flag counts for one model directory."""
     from inference_image.artifacts import load_artifacts
     from inference_image.imaging import ImageRequestError
@@ -73,7 +95,7 @@ def evaluate(model_dir: Path, cache_dir: Path, ham: int) -> dict[str, Any]:
         if pred["ood"]["flag"]:
             flagged.append(names[i])
             reasons.update(r.split(":")[0] for r in pred["ood"]["reasons"])
-    return {
+    out: dict[str, Any] = {
         "model_version": art.version,
         "reference_images": art.reference.get("n"),
         "non_dermoscopic": {
@@ -91,6 +113,9 @@ def evaluate(model_dir: Path, cache_dir: Path, ham: int) -> dict[str, Any]:
         },
         "negatives": negatives,
     }
+    if archive is not None:
+        out["second_archive_test"] = archive_flags(run, archive)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", action="append", default=[],
                     help="model directory, optionally named: [NAME=]DIR (repeatable)")
     ap.add_argument("--ham", type=int, default=2000, help="held-out HAM10000 images")
+    ap.add_argument("--archive", type=Path, help="also flag this second source's test split (e.g. "
+                    "../shared/data/isic_archive)")
     ap.add_argument("--out", type=Path, default=RESULTS / "ood.json")
     args = ap.parse_args(argv)
     if not (SHARED / "negatives" / "negatives.csv").is_file():
@@ -115,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
             dirs = {"test model (tests/inference/model_factory.py)": build_model_dir(Path(tmp) / "model")}
         for name, d in dirs.items():
-            results[name] = evaluate(d, Path(tmp) / "cache", args.ham)
+            results[name] = evaluate(d, Path(tmp) / "cache", args.ham, args.archive)
             summary = {k: v for k, v in results[name].items() if k != "negatives"}
             summary["ham10000_held_out"] = {k: v for k, v in summary["ham10000_held_out"].items()
                                             if k != "flagged_images"}
