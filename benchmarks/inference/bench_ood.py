@@ -30,6 +30,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
+OOD_ROW = "reject / out-of-distribution"  # negatives.csv's expected behaviour of a non-dermoscopic picture
+
+
+def held_out_ham(n: int) -> list[Path]:
+    """``n`` HAM10000 pictures drawn at random (seed 0), none of them the bundled sample's."""
+    sample = {p.name for p in (REPO / "data" / "sample" / "images").glob("*.jpg")}
+    paths = sorted(p for p in (SHARED / "ham10000" / "images").glob("*.jpg") if p.name not in sample)
+    return [paths[i] for i in np.random.default_rng(0).choice(len(paths), min(n, len(paths)), replace=False)]
 
 
 def archive_flags(run: Any, archive: Path) -> dict[str, Any]:
@@ -42,11 +50,12 @@ def archive_flags(run: Any, archive: Path) -> dict[str, Any]:
     for path, label in test_set([r for r in splits["test"] if r.get("source") == archive.name], folders, 0):
         _, pred = run(path.read_bytes())
         assert pred is not None
-        mel, missed = label == "mel", label == "mel" and not pred["melanoma"]["at_risk"]
-        flagged.update(k for k, hit in (("pictures", True), ("melanomas", mel), ("melanomas_missed", missed)) if hit)
+        mel = label == "mel"
+        kinds = ["pictures"] + (["melanomas"] if mel else []) + (
+            ["melanomas_missed"] if mel and not pred["melanoma"]["at_risk"] else [])
+        flagged.update(kinds)
         if pred["ood"]["flag"]:
-            flagged.update(k + "_flagged" for k, hit in (("pictures", True), ("melanomas", mel),
-                                                          ("melanomas_missed", missed)) if hit)
+            flagged.update(k + "_flagged" for k in kinds)
     return {k: flagged[k] for k in ("pictures", "pictures_flagged", "melanomas", "melanomas_flagged",
                                     "melanomas_missed", "melanomas_missed_flagged")}
 
@@ -79,21 +88,19 @@ def evaluate(model_dir: Path, cache_dir: Path, ham: int, archive: Path | None = 
             "score": None if pred is None else pred["ood"]["score"],
             "reasons": None if pred is None else pred["ood"]["reasons"],
         }
-    non_derm = {k: v for k, v in negatives.items() if v["expected"] == "reject / out-of-distribution"}
+    non_derm = {k: v for k, v in negatives.items() if v["expected"] == OOD_ROW}
     photos = {r["file"] for r in rows if "photo" in r["kind"] and r["expected_behaviour"].startswith("reject")}
 
-    sample = {p.name for p in (REPO / "data" / "sample" / "images").glob("*.jpg")}
-    names = sorted(p.name for p in (SHARED / "ham10000" / "images").glob("*.jpg") if p.name not in sample)
-    pick = np.random.default_rng(0).choice(len(names), min(ham, len(names)), replace=False)
+    pick = held_out_ham(ham)
     reasons: collections.Counter[str] = collections.Counter()
     scores, flagged = [], []
     t0 = time.perf_counter()
-    for i in pick:
-        _, pred = run((SHARED / "ham10000" / "images" / names[i]).read_bytes())
+    for path in pick:
+        _, pred = run(path.read_bytes())
         assert pred is not None
         scores.append(pred["ood"]["score"])
         if pred["ood"]["flag"]:
-            flagged.append(names[i])
+            flagged.append(path.name)
             reasons.update(r.split(":")[0] for r in pred["ood"]["reasons"])
     out: dict[str, Any] = {
         "model_version": art.version,

@@ -24,12 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.inference.bench_ood import OOD_ROW, SHARED, held_out_ham
 from inference_image.imaging import ImageRequestError, decode_image
 from inference_image.transform import ModelInputBuilder
 from lesionml.preprocessing import read_spec
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared" / "data"
 FLOOR = 0.25  # of the RMS reference spread, as inference_image.ood floors it
 
 
@@ -70,11 +69,8 @@ def separation(neg: np.ndarray, ham: np.ndarray) -> dict[str, Any]:
 def evaluate(model_dir: Path, ham: int) -> dict[str, Any]:
     """Both distances for one model directory."""
     rows = list(csv.DictReader((SHARED / "negatives" / "negatives.csv").read_text().splitlines()))
-    ood = "reject / out-of-distribution"
-    neg_files = [SHARED / "negatives" / r["file"] for r in rows if r["expected_behaviour"] == ood]
-    sample = {p.name for p in (REPO / "data" / "sample" / "images").glob("*.jpg")}
-    names = sorted(p for p in (SHARED / "ham10000" / "images").glob("*.jpg") if p.name not in sample)
-    picked = [names[i] for i in np.random.default_rng(0).choice(len(names), ham, replace=False)]
+    neg_files = [SHARED / "negatives" / r["file"] for r in rows if r["expected_behaviour"] == OOD_ROW]
+    picked = held_out_ham(ham)
     neg, lesions = embeddings(model_dir, neg_files), embeddings(model_dir, picked)
     ref, held = lesions[: ham // 2], lesions[ham // 2 :]
     served = json.loads((model_dir / "reference_stats.json").read_text())["embedding"]
